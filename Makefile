@@ -1,0 +1,29 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch lies on these machines' disk; pinning it keeps pip from pulling a
+# multi-GB CUDA build. On a GPU machine: make TORCH=torch test
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-all test-slow bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/pipeline demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not vllm and not ray" -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis demo_out
+
+-include mk/*.mk

