@@ -9,10 +9,13 @@ line win; an unknown key is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import tomllib
+import types
+import typing
 from pathlib import Path
 
 import click
@@ -41,6 +44,49 @@ def config_option(f):
                         expose_value=False, help="TOML file whose keys are this command's option names.")(f)
 
 
+def _click_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and args else hint
+    return {int: int, float: float, str: str, Path: click.Path(path_type=Path), bool: bool}.get(base, str)
+
+
+def options_from(config_cls, *, skip: tuple[str, ...] = ()):
+    """One click option per field of a stage's config dataclass, with the field's help text. Defaults
+    stay in the dataclass: an option left unset is not passed, so the CLI and the Python API agree."""
+    hints = typing.get_type_hints(config_cls)
+
+    def deco(f):
+        for fld in reversed(dataclasses.fields(config_cls)):
+            if fld.name in skip or not fld.init:
+                continue
+            name = "--" + fld.name.replace("_", "-")
+            help_ = fld.metadata.get("help", "")
+            if fld.default is not dataclasses.MISSING:
+                help_ += f"  [default: {fld.default}]"
+            else:
+                help_ += "  [required]"
+            if hints[fld.name] is bool:
+                opt = click.option(f"{name}/--no-{name[2:]}", fld.name, default=None, help=help_)
+            else:
+                opt = click.option(name, fld.name, type=_click_type(hints[fld.name]), default=None, help=help_)
+            f = opt(f)
+        return f
+    return deco
+
+
+def build_config(config_cls, params: dict):
+    """The config from the options actually given; missing required options named together."""
+    given = {k: v for k, v in params.items() if v is not None}
+    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in given]
+    if missing:
+        raise click.UsageError(f"missing option(s): {', '.join(missing)}")
+    try:
+        return config_cls(**given)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int):
@@ -62,6 +108,45 @@ def inspect(run_dir: Path, as_json: bool):
     except StorageError as e:
         raise click.ClickException(str(e))
     click.echo(json.dumps(info, indent=2) if as_json else format_table(info))
+
+
+@cli.command()
+@config_option
+@options_from(__import__("stage1_teacher.config", fromlist=["TeacherConfig"]).TeacherConfig)
+@click.option("--finalize", "finalize_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Only check that every shard of RUN_DIR is present and write its manifest.")
+def teacher(finalize_dir: Path | None, **params):
+    """Stage 1: score a corpus with the frozen teacher and store its top-k log-probs as shards."""
+    from stage1_teacher.config import TeacherConfig
+    from stage1_teacher.run import finalize, run, summary_line
+    from storage.errors import StorageError
+
+    try:
+        if finalize_dir is not None:
+            info = finalize(finalize_dir)
+            click.echo(f"finalized {info['rows']:,} rows, {info['trained_tokens']:,} trained tokens, "
+                       f"{info['bytes_per_trained_token']:.1f} B/trained token -> {finalize_dir}")
+            return
+        summary = run(build_config(TeacherConfig, params))
+    except (StorageError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(summary_line(summary))
+
+
+@cli.command()
+@config_option
+@options_from(__import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig)
+def student(**params):
+    """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). No teacher is loaded."""
+    from stage2_student.config import StudentConfig
+    from stage2_student.train import run, summary_line
+    from storage.errors import StorageError
+
+    try:
+        summary = run(build_config(StudentConfig, params))
+    except (StorageError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(summary_line(summary))
 
 
 def main():

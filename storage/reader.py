@@ -5,6 +5,7 @@ import bisect
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -50,8 +51,9 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 class ShardReader:
     """One shard file. Checks the Parquet footer and the key-value metadata on open."""
 
-    def __init__(self, path: Path, *, expect_fingerprint: str | None = None):
+    def __init__(self, path: Path, *, expect_fingerprint: str | None = None, cache_row_groups: int = 4):
         self.path = Path(path)
+        self.cache_row_groups = max(1, cache_row_groups)
         try:
             self._pf = pq.ParquetFile(self.path)
         except FileNotFoundError:
@@ -80,7 +82,7 @@ class ShardReader:
         md = self._pf.metadata
         self.num_rows = md.num_rows
         self._rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        self._cache: tuple[int, list[SequenceLabels]] | None = None
+        self._cache: OrderedDict[int, list[SequenceLabels]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.num_rows
@@ -103,14 +105,22 @@ class ShardReader:
         return out
 
     def read_row_group(self, i: int) -> list[SequenceLabels]:
-        if self._cache is not None and self._cache[0] == i:
-            return self._cache[1]
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
         try:
             rows = self._decode(self._pf.read_row_group(i))
         except (pa.ArrowInvalid, OSError, ValueError) as e:
             raise ShardCorruptError(f"{self.path}: row group {i} cannot be decoded ({e}). {_redo(self.path)}") from e
-        self._cache = (i, rows)
+        self._cache[i] = rows
+        if len(self._cache) > self.cache_row_groups:
+            self._cache.popitem(last=False)
         return rows
+
+    def row_group_bounds(self) -> list[tuple[int, int]]:
+        """[start, stop) row ranges of the row groups: the unit of efficient reading."""
+        s = self._rg_starts
+        return [(int(s[i]), int(s[i + 1])) for i in range(len(s) - 1)]
 
     def __getitem__(self, row: int) -> SequenceLabels:
         if not 0 <= row < self.num_rows:
@@ -206,6 +216,14 @@ class RunReader:
                                         f"{self.manifest.shards[i].rows}. {_redo(self.paths[i])}")
             self._readers[i] = r
         return self._readers[i]
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """Global [start, stop) row ranges of every row group of every shard, in order."""
+        out = []
+        for i in range(len(self.paths)):
+            base = self._starts[i]
+            out += [(base + a, base + b) for a, b in self.shard(i).row_group_bounds()]
+        return out
 
     def locate(self, row: int) -> tuple[int, int]:
         if not 0 <= row < len(self):

@@ -1,0 +1,80 @@
+"""The one config of stage 1, shared by `pipeline teacher` and the Python API."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.codec import Encoding
+
+
+def _env_shard_index() -> int | None:
+    # SLURM array jobs and Kubernetes Indexed Jobs say which work unit this process is.
+    for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        v = os.environ.get(var)
+        if v not in (None, ""):
+            return int(v)
+    return None
+
+
+def _env_num_shards() -> int | None:
+    v = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    return int(v) if v else None
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = field(metadata={"help": "Teacher: a local Hugging Face folder, a hub name, or a folder holding --gguf-file."})
+    data: str = field(metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."})
+    out: Path = field(metadata={"help": "Run directory to create or resume."})
+    top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position."})
+    seq_len: int = field(default=1024, metadata={"help": "Tokens per stored sequence (documents are packed)."})
+    engine: str = field(default="auto", metadata={"help": "auto | hf | vllm (auto: vllm when installed and a GPU is present)."})
+    dtype: str = field(default="auto", metadata={"help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."})
+    device: str = field(default="auto", metadata={"help": "hf engine device: auto | cpu | cuda[:i]."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences scored per engine call."})
+    num_shards: int | None = field(default=None, metadata={"help": "Work units (shard files); default SLURM_ARRAY_TASK_COUNT or 1."})
+    shard_index: int | None = field(default=None, metadata={"help": "Only this shard (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX, else all)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Stop after this many sequences (a prefix of the corpus)."})
+    text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
+    messages_field: str | None = field(default=None, metadata={"help": "Column holding chat messages [{role, content}] (switches to chat mode)."})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Chat mode: also train on prompt tokens."})
+    pack: bool = field(default=True, metadata={"help": "Pack documents (EOS-separated) into full sequences; else one document per sequence."})
+    split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder, loaded through transformers."})
+    encoding: str = field(default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."})
+
+    def __post_init__(self):
+        if self.num_shards is None:
+            object.__setattr__(self, "num_shards", _env_num_shards() or 1)
+        if self.shard_index is None:
+            object.__setattr__(self, "shard_index", _env_shard_index())
+        object.__setattr__(self, "out", Path(self.out))
+        problems = []
+        if self.top_k < 1:
+            problems.append(f"top_k={self.top_k}: must be >= 1")
+        if self.seq_len < 2:
+            problems.append(f"seq_len={self.seq_len}: must be >= 2")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size}: must be >= 1")
+        if self.engine not in ("auto", "hf", "vllm"):
+            problems.append(f"engine={self.engine!r}: choose auto, hf or vllm")
+        if self.num_shards < 1:
+            problems.append(f"num_shards={self.num_shards}: must be >= 1")
+        if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"shard_index={self.shard_index}: must be in 0..{self.num_shards - 1} "
+                            f"(check --num-shards, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"max_samples={self.max_samples}: must be >= 1")
+        try:
+            Encoding.parse(self.encoding)
+        except ValueError as e:
+            problems.append(f"encoding={self.encoding!r}: {e}")
+        if problems:
+            raise ValueError("invalid teacher config:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d

@@ -1,0 +1,83 @@
+"""Load the student (HF folder, hub name or GGUF), check it against the run, save it in HF format."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from storage.manifest import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+class StudentMismatchError(ValueError):
+    """The student cannot be trained on this run's labels (different tokenizer or vocabulary)."""
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    from stage1_teacher.teacher_identity import resolve_model_dir
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), **kw)
+
+
+def load_model(name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+    """A trainable causal LM. A GGUF checkpoint is dequantised by transformers and rebuilt as a plain
+    model (save_pretrained refuses GGUF-loaded models), so the fine-tuned result saves normally."""
+    from transformers import AutoModelForCausalLM
+
+    from stage1_teacher.teacher_identity import resolve_model_dir
+
+    path = resolve_model_dir(name_or_path)
+    if gguf_file:
+        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model
+
+
+def check_student(spec: RunSpec, tokenizer, model, where: str) -> None:
+    """Refuse a student whose tokenizer or vocabulary differs from the teacher's: the shards hold ids."""
+    from stage1_teacher.tokenizer_info import tokenizer_fingerprint
+
+    problems = []
+    fp = tokenizer_fingerprint(tokenizer)
+    stored = spec.tokenizer
+    if fp["hash"] != stored.get("hash"):
+        problems.append(f"tokenizer.hash: student {fp['hash'][:16]}… vs run {str(stored.get('hash'))[:16]}… "
+                        f"(vocab {fp['vocab_size']} vs {stored.get('vocab_size')}) — the student's tokenizer maps ids "
+                        f"to different tokens")
+    out_dim = model.get_output_embeddings().weight.shape[0]
+    if out_dim != spec.vocab_size:
+        problems.append(f"vocab_size: student output dimension {out_dim} vs the teacher's {spec.vocab_size}")
+    if problems:
+        raise StudentMismatchError(f"{where} cannot be trained on this run's labels:\n  " + "\n  ".join(problems)
+                                   + "\nUse a student that shares the teacher's tokenizer, or capture a new run with it.")
+
+
+def save_hf(model, tokenizer, out_dir: Path) -> Path:
+    """Save a plain HF folder atomically (tmp folder, then rename); LoRA adapters are merged first."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

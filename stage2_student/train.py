@@ -1,0 +1,237 @@
+"""Stage 2: train the student against the stored soft labels. One written-out loop for every option.
+
+    pipeline student --run runs/r1 --out out/lam1 --kl-weight 1
+
+`accelerate` handles devices, bf16 autocast, DDP (`torchrun` / `accelerate launch`) and state saving;
+the loop itself stays here, short and readable, instead of inside a Trainer subclass whose defaults
+we would have to undo. Loss normalisation: each micro-batch's loss is a SUM over its trained
+positions; every step divides by the global number of trained positions in the step (all
+micro-batches, all ranks), so gradient accumulation and data parallelism give exactly the gradient
+of one big batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from storage.atomic import atomic_write_json
+from storage.reader import RunReader
+from storage.torch_data import collate_labels
+
+from . import checkpoint as ckpt
+from .config import StudentConfig
+from .data import epoch_order, micro_batch_rows, steps_per_epoch
+from .losses import fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum, ce_sum
+from .model_io import check_student, load_model, load_tokenizer, save_hf
+
+log = logging.getLogger(__name__)
+
+# Settings that must not change across a resume (the data order and the optimisation depend on them).
+_RESUME_KEYS = ("run", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
+                "kd_temperature", "loss_form", "lora_r", "shuffle", "lr_schedule", "warmup_steps", "min_lr_ratio")
+
+
+def lr_factor(step: int, total: int, config: StudentConfig) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict):
+    """(total, ce, kl) sums over the micro-batch's trained positions; only total carries a gradient."""
+    z = logits[:, :-1][batch["label_mask"]]                          # (N, V)
+    labels = batch["labels"][batch["label_mask"]]                    # (N,)
+    w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
+    args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
+    if config.divergence == "forward":
+        return fused_ce_kl_sums(z, labels, *args, ce_weight=w_ce, kl_weight=w_kl, tail=config.kl_tail,
+                                kd_temperature=config.kd_temperature, chunk_size=config.chunk_size)
+    div = topk_reverse_kl_sum if config.divergence == "reverse" else topk_jsd_sum
+    ce = ce_sum(z, labels)
+    kl = div(z, *args, tail=config.kl_tail, kd_temperature=config.kd_temperature)
+    return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _check_resume(state: dict, config: StudentConfig, world: int, ckpt_dir: Path) -> None:
+    saved = state["config"]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in config.to_dict().items()
+             if k in _RESUME_KEYS and saved.get(k) != v]
+    if state.get("world_size") != world:
+        diffs.append(f"world_size: checkpoint {state.get('world_size')} vs now {world}")
+    if diffs:
+        raise ValueError(f"cannot resume from {ckpt_dir}: settings differ:\n  " + "\n  ".join(diffs)
+                         + "\nResume with the same settings, or start a new --out directory.")
+
+
+def _apply_lora(model, config: StudentConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("--lora-r needs peft: pip install 'label-anneal[lora]'") from e
+    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def run(config: StudentConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    use_cuda = torch.cuda.is_available()
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and use_cuda)
+    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
+    world, rank = acc.num_processes, acc.process_index
+    out = config.out
+    # Checksums once, on the main process; the others check sizes and footers.
+    reader = RunReader(config.run, verify=config.verify if acc.is_main_process else
+                       ("size" if config.verify != "none" else "none"))
+    spec = reader.spec
+
+    model_name = config.model or spec.teacher["name_or_path"]
+    gguf = config.gguf_file if config.model else (config.gguf_file or spec.teacher.get("gguf_file"))
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(model_name, gguf)
+    model = load_model(model_name, gguf)
+    check_student(spec, tokenizer, model, where=f"student {model_name!r}")
+    if config.lora_r:
+        model = _apply_lora(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                            weight_decay=config.weight_decay)
+
+    G = config.batch_size * config.grad_accum * world
+    spe = steps_per_epoch(len(reader), G)
+    if spe == 0:
+        raise ValueError(f"{config.run} holds {len(reader)} sequences, fewer than one global batch of {G} "
+                         f"(batch_size {config.batch_size} × grad_accum {config.grad_accum} × {world} processes); "
+                         f"lower --batch-size or --grad-accum")
+    total = config.max_steps or max(1, math.ceil(config.epochs * spe))
+    # Not passed through accelerate.prepare: its wrapper steps the schedule once per process.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, config))
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+
+    start = 0
+    if config.resume:
+        last = ckpt.latest_checkpoint(out)
+        if last is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
+        else:
+            state = ckpt.read_state(last)
+            _check_resume(state, config, world, last)
+            acc.load_state(str(last))
+            start = state["step"]
+            log.info("resumed from %s (step %d)", last, start)
+    elif ckpt.latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or use a new --out")
+
+    metrics_path = out / "metrics.jsonl"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {**config.to_dict(), "world_size": world, "total_steps": total,
+                                                "run_fingerprint": spec.fingerprint})
+        # On resume, drop metric lines past the checkpoint so the log has no duplicated steps.
+        kept = []
+        if metrics_path.exists() and start:
+            kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    model.train()
+    order_cache: dict[int, torch.Tensor] = {}
+    t_start = time.perf_counter()
+    tokens_done = 0
+    last = {}
+    bar = tqdm(total=total, initial=start, desc="student", unit="step", disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        epoch, s = divmod(step, spe)
+        if epoch not in order_cache:
+            order_cache = {epoch: epoch_order(reader, seed=config.seed, epoch=epoch, shuffle=config.shuffle)}
+        batches = [collate_labels([reader[int(i)] for i in micro_batch_rows(
+            order_cache[epoch], s, j, batch_size=config.batch_size, grad_accum=config.grad_accum,
+            rank=rank, world_size=world)], pad_id=tokenizer.pad_token_id or 0) for j in range(config.grad_accum)]
+        local = torch.tensor(float(sum(int(b["label_mask"].sum()) for b in batches)), device=acc.device)
+        global_tokens = acc.reduce(local, reduction="sum").item()  # note: a sync point, once per step
+        ce_tot = torch.zeros((), device=acc.device)
+        kl_tot = torch.zeros((), device=acc.device)
+        for j, b in enumerate(batches):
+            b = _to(b, acc.device)
+            sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(model)
+            with sync:
+                with acc.autocast():
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
+                # DDP averages gradients over ranks: scale by world so the result is sum / global count.
+                acc.backward(total_sum * (world / max(global_tokens, 1.0)))
+            ce_tot += ce_s
+            kl_tot += kl_s
+        if config.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        lr_now = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sums = acc.reduce(torch.stack([ce_tot, kl_tot]), reduction="sum")
+        tokens_done += global_tokens
+        dt = time.perf_counter() - t0
+        w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
+        last = {"step": step + 1, "epoch": epoch, "ce": sums[0].item() / global_tokens,
+                "kl": sums[1].item() / global_tokens,
+                "total": (w_ce * sums[0].item() + w_kl * sums[1].item()) / global_tokens,
+                "lr": lr_now, "grad_norm": float(grad_norm), "trained_tokens": int(global_tokens),
+                "tokens_per_s": global_tokens / dt, "step_s": dt}
+        if acc.is_main_process and ((step + 1) % config.log_every == 0 or step + 1 == total):
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.set_postfix(ce=f"{last['ce']:.3f}", kl=f"{last['kl']:.3f}")
+        bar.update(1)
+        if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == total):
+            _save_checkpoint(acc, out, step + 1, config, world)
+    bar.close()
+
+    model_dir = None
+    if config.save_model:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model_dir = save_hf(acc.unwrap_model(model), tokenizer, out / "model")
+    elapsed = time.perf_counter() - t_start
+    acc.wait_for_everyone()
+    return {"out": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total,
+            "start_step": start, "trained_tokens": int(tokens_done),
+            "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None, "final": last}
+
+
+def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: int) -> None:
+    tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.checkpoint_dir(out, step).with_name(
+        f"step-{step:06d}.tmp")
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.commit(tmp, {"step": step, "world_size": world, "config": config.to_dict()}, config.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def summary_line(s: dict) -> str:
+    f = s.get("final") or {}
+    rate = f"{s['tokens_per_s']:,.0f} trained tok/s" if s.get("tokens_per_s") else "-"
+    return (f"student: {s['steps']} steps ({s['steps'] - s['start_step']} this run), {s['trained_tokens']:,} trained tokens, "
+            f"{rate}, final CE {f.get('ce', float('nan')):.4f} KL {f.get('kl', float('nan')):.4f} -> "
+            f"{s['model_dir'] or s['out']}")
