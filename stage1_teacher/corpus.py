@@ -211,6 +211,10 @@ def _clean_conversation(x: Any) -> list[dict] | None:
     return out
 
 
+class ChatTemplateError(ValueError):
+    """The chat template cannot be used to locate assistant tokens."""
+
+
 class _ChatTokenizer:
     def __init__(self, tokenizer, train_on_prompt: bool):
         if not getattr(tokenizer, "chat_template", None):
@@ -244,7 +248,7 @@ class _ChatTokenizer:
             before, after = encoded[1 + 2 * j], encoded[2 + 2 * j]
             for prefix in (before, after):
                 if len(prefix) > len(ids) or not np.array_equal(ids[: len(prefix)], prefix):
-                    raise ValueError(
+                    raise ChatTemplateError(
                         f"cannot find the assistant tokens of row {row}: the chat template of "
                         f"{getattr(self.tok, 'name_or_path', 'the tokenizer')!r} does not render messages[:{i}] "
                         f"(or messages[:{i + 1}]) as a token prefix of the whole conversation (templates that "
@@ -289,7 +293,7 @@ def _documents(
                     continue
                 try:
                     docs.append(chat_tok(conv, row + offset))
-                except ValueError:
+                except ChatTemplateError:
                     raise
                 except Exception as e:  # a template may refuse a conversation (e.g. roles must alternate)
                     if len(template_errors) < 1:

@@ -57,11 +57,9 @@ def sigterm_as_exit():
 def _resolve_engine_and_dtype(config: TeacherConfig) -> tuple[str, str, str]:
     import torch
 
-    import importlib.util
+    from .engines.base import resolve_engine_name
 
-    engine = config.engine
-    if engine == "auto":  # the same rule as engines.base.make_engine
-        engine = "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+    engine = resolve_engine_name(config.engine)
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class StudentConfig:
-    run: Path = field(metadata={"help": "Run directory written by `pipeline teacher` (the stored soft labels)."})
+    # Not `--run`: torchrun's own argument parser swallows any option that abbreviates its `--run-path`.
+    run_dir: Path = field(metadata={"help": "Run directory written by `pipeline teacher` (the stored soft labels)."})
     out: Path = field(metadata={"help": "Output directory: checkpoints/, model/, metrics.jsonl, config.json."})
     kl_weight: float = field(default=1.0, metadata={"help": "λ in CE + λ·KL(teacher‖student); 0 = plain fine-tuning."})
     model: str | None = field(default=None, metadata={"help": "Student to start from (default: the teacher recorded in the run). Must share its tokenizer."})
@@ -45,7 +46,7 @@ class StudentConfig:
     save_model: bool = field(default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."})
 
     def __post_init__(self):
-        object.__setattr__(self, "run", Path(self.run))
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
         object.__setattr__(self, "out", Path(self.out))
         p = []
         finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
@@ -88,7 +89,7 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["run"], d["out"] = str(self.run), str(self.out)
+        d["run_dir"], d["out"] = str(self.run_dir), str(self.out)
         return d
 
     def replace(self, **kw) -> "StudentConfig":

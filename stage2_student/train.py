@@ -1,6 +1,6 @@
 """Stage 2: train the student against the stored soft labels. One written-out loop for every option.
 
-    pipeline student --run runs/r1 --out out/lam1 --kl-weight 1
+    pipeline student --run-dir runs/r1 --out out/lam1 --kl-weight 1
 
 `accelerate` handles devices, bf16 autocast, DDP (`torchrun` / `accelerate launch`) and state saving;
 the loop itself stays here, short and readable, instead of inside a Trainer subclass whose defaults
@@ -33,7 +33,7 @@ from .model_io import check_student, load_model, load_tokenizer, save_hf
 log = logging.getLogger(__name__)
 
 # Settings that must not change across a resume (the data order and the optimisation depend on them).
-_RESUME_KEYS = ("run", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
+_RESUME_KEYS = ("run_dir", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
                 "kd_temperature", "loss_form", "lora_r", "shuffle", "lr_schedule", "warmup_steps", "min_lr_ratio")
 
 
@@ -59,6 +59,29 @@ def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict):
     ce = ce_sum(z, labels)
     kl = div(z, *args, tail=config.kl_tail, kd_temperature=config.kd_temperature)
     return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
+
+
+def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig):
+    """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, global trained
+    positions). Each micro-batch contributes sum / global count, so the accumulated gradient equals the
+    gradient of the mean loss over the whole step, however the positions are split."""
+    world = acc.num_processes
+    local = torch.tensor(float(sum(int(b["label_mask"].sum()) for b in batches)), device=acc.device)
+    global_tokens = acc.reduce(local, reduction="sum").item()  # note: a sync point, once per step
+    ce_tot = torch.zeros((), device=acc.device)
+    kl_tot = torch.zeros((), device=acc.device)
+    for j, b in enumerate(batches):
+        b = _to(b, acc.device)
+        sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(model)
+        with sync:
+            with acc.autocast():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
+            # DDP averages gradients over ranks: scale by world so the result is sum / global count.
+            acc.backward(total_sum * (world / max(global_tokens, 1.0)))
+        ce_tot += ce_s
+        kl_tot += kl_s
+    return ce_tot, kl_tot, global_tokens
 
 
 def _to(batch: dict, device) -> dict:
@@ -97,7 +120,7 @@ def run(config: StudentConfig) -> dict:
     world, rank = acc.num_processes, acc.process_index
     out = config.out
     # Checksums once, on the main process; the others check sizes and footers.
-    reader = RunReader(config.run, verify=config.verify if acc.is_main_process else
+    reader = RunReader(config.run_dir, verify=config.verify if acc.is_main_process else
                        ("size" if config.verify != "none" else "none"))
     spec = reader.spec
 
@@ -116,7 +139,7 @@ def run(config: StudentConfig) -> dict:
     G = config.batch_size * config.grad_accum * world
     spe = steps_per_epoch(len(reader), G)
     if spe == 0:
-        raise ValueError(f"{config.run} holds {len(reader)} sequences, fewer than one global batch of {G} "
+        raise ValueError(f"{config.run_dir} holds {len(reader)} sequences, fewer than one global batch of {G} "
                          f"(batch_size {config.batch_size} × grad_accum {config.grad_accum} × {world} processes); "
                          f"lower --batch-size or --grad-accum")
     total = config.max_steps or max(1, math.ceil(config.epochs * spe))
@@ -165,21 +188,7 @@ def run(config: StudentConfig) -> dict:
         batches = [collate_labels([reader[int(i)] for i in micro_batch_rows(
             order_cache[epoch], s, j, batch_size=config.batch_size, grad_accum=config.grad_accum,
             rank=rank, world_size=world)], pad_id=tokenizer.pad_token_id or 0) for j in range(config.grad_accum)]
-        local = torch.tensor(float(sum(int(b["label_mask"].sum()) for b in batches)), device=acc.device)
-        global_tokens = acc.reduce(local, reduction="sum").item()  # note: a sync point, once per step
-        ce_tot = torch.zeros((), device=acc.device)
-        kl_tot = torch.zeros((), device=acc.device)
-        for j, b in enumerate(batches):
-            b = _to(b, acc.device)
-            sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(model)
-            with sync:
-                with acc.autocast():
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
-                # DDP averages gradients over ranks: scale by world so the result is sum / global count.
-                acc.backward(total_sum * (world / max(global_tokens, 1.0)))
-            ce_tot += ce_s
-            kl_tot += kl_s
+        ce_tot, kl_tot, global_tokens = accumulate_gradients(acc, model, batches, config)
         if config.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
         else:

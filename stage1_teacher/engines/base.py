@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from storage.codec import tail_from_topk  # noqa: F401  (re-exported: engines derive tails with it)
+
 ENGINE_NAMES = ("auto", "hf", "vllm")
 
 
@@ -44,23 +46,17 @@ class Engine(Protocol):
         ...
 
 
-def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
-    """log(1 - sum(exp(logprobs))) over the last axis, computed stably; float32.
-
-    Rounding can make the top-k mass reach or pass 1; that is clamped to an empty tail (-inf).
-    Prefer a tail computed from the full distribution where one is available (the HF engine does):
-    this one cancels catastrophically when the tail mass is below float precision.
-    """
-    lse = np.logaddexp.reduce(np.asarray(logprobs, dtype=np.float64), axis=-1)
-    lse = np.minimum(lse, 0.0)
-    with np.errstate(divide="ignore"):
-        # log(-expm1(x)) is accurate near x = 0, log1p(-exp(x)) for very negative x (split at -ln 2).
-        out = np.where(lse > -np.log(2.0), np.log(-np.expm1(lse)), np.log1p(-np.exp(lse)))
-    return out.astype(np.float32)
-
-
 def _vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine_name(name: str) -> str:
+    """"auto" → "vllm" when vLLM is installed and a CUDA GPU is visible, else "hf"."""
+    if name == "auto":
+        import torch
+
+        return "vllm" if _vllm_importable() and torch.cuda.is_available() else "hf"
+    return name
 
 
 def make_engine(name: str, model: str, *, dtype: str, device: str, gguf_file: str | None = None, **kw) -> Engine:
@@ -71,10 +67,7 @@ def make_engine(name: str, model: str, *, dtype: str, device: str, gguf_file: st
     """
     if name not in ENGINE_NAMES:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
-    if name == "auto":
-        import torch
-
-        name = "vllm" if _vllm_importable() and torch.cuda.is_available() else "hf"
+    name = resolve_engine_name(name)
     if name == "vllm":
         if not _vllm_importable():
             raise ImportError(

@@ -1,0 +1,174 @@
+"""`pipeline student` end to end on the tiny model: λ keeps the student near the teacher, resume after
+SIGKILL equals an uninterrupted run, accumulation and DDP are exact, mismatches are refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from e2e_helpers import REPO, cli, spawn
+from storage import RunReader
+from storage.torch_data import collate_labels
+
+
+def exact_kl_per_token(teacher, student, rows) -> float:
+    """Mean full-vocabulary KL(teacher‖student) over the trained positions of `rows`."""
+    b = collate_labels(rows)
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
+        s = torch.log_softmax(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
+    m = b["label_mask"]
+    return float((t.exp() * (t - s)).sum(-1)[m].mean())
+
+
+def train_ce(model, rows) -> float:
+    b = collate_labels(rows)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
+    m = b["label_mask"]
+    return float(-lp.gather(-1, b["input_ids"][:, 1:, None])[..., 0][m].mean())
+
+
+@pytest.mark.slow
+def test_kl_weight_keeps_student_near_teacher(tmp_path, tiny_run, tiny_model_dir, tiny_corpus_dir):
+    # Held-out text: the chat corpus, never trained on.
+    held = tmp_path / "held"
+    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--messages-field", "messages",
+        "--train-on-prompt", "--out", held, "--top-k", 4, "--seq-len", 32)
+    common = ["--run-dir", tiny_run, "--max-steps", 30, "--batch-size", 8, "--lr", 3e-3, "--lr-schedule", "constant",
+              "--verify", "size"]
+    cli("student", *common, "--out", tmp_path / "lam0", "--kl-weight", 0)
+    cli("student", *common, "--out", tmp_path / "lam3", "--kl-weight", 3)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    s0 = AutoModelForCausalLM.from_pretrained(tmp_path / "lam0" / "model").eval()
+    s3 = AutoModelForCausalLM.from_pretrained(tmp_path / "lam3" / "model").eval()
+    held_rows = list(RunReader(held))
+    kl0, kl3 = exact_kl_per_token(teacher, s0, held_rows), exact_kl_per_token(teacher, s3, held_rows)
+    assert kl3 < 0.7 * kl0, (kl0, kl3)
+    train_rows = list(RunReader(tiny_run))
+    assert train_ce(s0, train_rows) < train_ce(s3, train_rows) < train_ce(teacher, train_rows)
+    m = [json.loads(l) for l in (tmp_path / "lam3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m] == list(range(1, 31))
+    assert m[-1]["ce"] < m[0]["ce"]
+    assert {"step", "ce", "kl", "total", "lr", "grad_norm", "tokens_per_s"} <= set(m[0])
+
+
+def _weights(d):
+    return load_file(str(d / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_run):
+    args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", 40, "--batch-size", 2, "--lr", 1e-3,
+            "--warmup-steps", 3, "--verify", "size"]
+    cli("student", *args, "--out", tmp_path / "ref")
+    out = tmp_path / "killed"
+    p = spawn("student", *args, "--out", out, "--save-every", 1)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-000004" / "trainer_state.json").exists():
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "finished before the kill; make the run longer"
+    assert not (out / "model").exists()
+    r = cli("student", *args, "--out", out, "--save-every", 1, expect_ok=False)
+    assert r.exit_code != 0 and "--resume" in r.output, "refuses to silently restart over checkpoints"
+    # A half-written checkpoint (no state file) must be ignored by --resume.
+    (out / "checkpoints" / "step-999999").mkdir()
+    cli("student", *args, "--out", out, "--save-every", 1, "--resume")
+    ref, got = _weights(tmp_path / "ref"), _weights(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41)), "no duplicated or missing metric lines after resume"
+    ce_ref = [json.loads(l)["ce"] for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    ce_got = [json.loads(l)["ce"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(ce_got, ce_ref, rtol=1e-5)
+
+
+def test_gradient_accumulation_is_exact(tiny_run, tiny_model_dir):
+    from accelerate import Accelerator
+
+    from stage2_student.config import StudentConfig
+    from stage2_student.train import accumulate_gradients
+
+    import dataclasses
+
+    rows = []
+    for i, r in enumerate(list(RunReader(tiny_run, verify="none"))[:6]):
+        keep = 3 + 5 * i  # untrain the tail of each sequence: uneven trained positions per row
+        mask = r.label_mask.copy()
+        mask[np.flatnonzero(mask)[keep:]] = False
+        rows.append(dataclasses.replace(r, label_mask=mask, topk_ids=r.topk_ids[:keep],
+                                        topk_logprobs=r.topk_logprobs[:keep], tail_logprob=r.tail_logprob[:keep]))
+    counts = [int(r.label_mask.sum()) for r in rows]
+    assert len(set(counts)) > 1, "uneven numbers of trained positions per micro-batch"
+    cfg = StudentConfig(run_dir=tiny_run, out="unused", kl_weight=0.7)
+    acc = Accelerator(cpu=True)
+
+    def grads(split):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model.zero_grad()
+        batches = [collate_labels(rows[a:b]) for a, b in split]
+        accumulate_gradients(acc, model, batches, cfg)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    one = grads([(0, 6)])
+    for split in ([(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)]):
+        many = grads(split)
+        for n in one:
+            torch.testing.assert_close(many[n], one[n], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_run):
+    args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", 4, "--lr", 1e-3, "--verify", "size"]
+    cli("student", *args, "--batch-size", 4, "--out", tmp_path / "one")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           str(REPO / "pipeline.py"), "student", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained_tokens"] for r in m1] == [r["trained_tokens"] for r in m2]
+    np.testing.assert_allclose([r["ce"] for r in m2], [r["ce"] for r in m1], rtol=1e-4)
+    np.testing.assert_allclose([r["kl"] for r in m2], [r["kl"] for r in m1], rtol=1e-3, atol=1e-7)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_student_with_other_tokenizer_is_refused(tmp_path, tiny_run):
+    from tiny_models import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=0)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300], list(vocab)[301]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    r = cli("student", "--run-dir", tiny_run, "--out", tmp_path / "s", "--model", other, "--max-steps", 1, expect_ok=False)
+    assert r.exit_code != 0 and "tokenizer.hash" in r.output
+
+
+def test_final_model_loads_and_lora_trains(tmp_path, tiny_run):
+    out = tmp_path / "lora"
+    cli("student", "--run-dir", tiny_run, "--out", out, "--max-steps", 2, "--batch-size", 2, "--lora-r", 4, "--lr", 1e-2,
+        "--verify", "size")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters()), "adapters are merged on save"
+    assert set(os.listdir(out)) >= {"config.json", "metrics.jsonl", "model"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lora_r"] == 4 and cfg["world_size"] == 1

@@ -1,0 +1,183 @@
+"""`pipeline teacher` end to end on the tiny model: values, chat masks, resume after SIGKILL, split work."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from e2e_helpers import big_corpus, cli, spawn
+from storage import Encoding, RunReader, load_manifest
+
+
+def reference_topk(model, input_ids: np.ndarray, k: int):
+    with torch.no_grad():
+        logits = model(torch.from_numpy(input_ids.astype(np.int64))[None]).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, -1)
+    top = lp.topk(k, -1)
+    rest = lp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    return top.indices.numpy(), top.values.numpy(), rest.numpy()
+
+
+@pytest.mark.parametrize("encoding", ["exact", "compact"])
+def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny_corpus_dir, encoding):
+    out = tmp_path / "run"
+    res = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
+              "--top-k", 16, "--seq-len", 48, "--num-shards", 3, "--batch-size", 5, "--encoding", encoding)
+    assert "finalized" in res.output and "B/trained token" in res.output
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    bound = Encoding.parse(encoding).logprob_error_bound()
+    reader = RunReader(out)
+    assert [r.sample_id for r in reader] == list(range(len(reader)))
+    for row in reader:
+        ids, lp, tail = reference_topk(model, row.input_ids, 16)
+        m = row.label_mask
+        assert row.topk_ids.shape == (m.sum(), 16)
+        if encoding == "exact":
+            np.testing.assert_array_equal(row.topk_ids, ids[m])
+            np.testing.assert_allclose(row.topk_logprobs, lp[m], atol=1e-5)
+            np.testing.assert_allclose(row.tail_logprob, tail[m], atol=1e-5)
+        else:
+            for p, q in zip(np.flatnonzero(m), range(m.sum())):
+                assert set(row.topk_ids[q]) == set(ids[p])
+                got = dict(zip(row.topk_ids[q], row.topk_logprobs[q]))
+                assert max(abs(got[i] - v) for i, v in zip(ids[p], lp[p])) <= bound + 1e-5
+            np.testing.assert_allclose(row.tail_logprob, tail[m], rtol=2e-3)
+
+
+def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    out = tmp_path / "chat"
+    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--out", out,
+        "--messages-field", "messages", "--top-k", 8, "--seq-len", 64, "--encoding", "exact")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = list(RunReader(out))
+    assert any((~r.label_mask).any() for r in rows), "prompt positions must be untrained"
+    assistant_tokens = set(tok("The sky is often blue.")["input_ids"])
+    for row in rows:
+        targets = row.input_ids[1:][row.label_mask]
+        # Trained targets never include a user turn's opening marker.
+        assert tok.convert_tokens_to_ids("<|im_start|>") not in targets
+        ids, lp, _ = reference_topk(model, row.input_ids, 8)
+        np.testing.assert_array_equal(row.topk_ids, ids[row.label_mask])
+        np.testing.assert_allclose(row.topk_logprobs, lp[row.label_mask], atol=1e-5)
+    assert assistant_tokens  # sanity: the tokenizer works
+
+
+def _rows(run):
+    return {r.sample_id: r for r in RunReader(run)}
+
+
+def _assert_same_run(a, b):
+    ra, rb = _rows(a), _rows(b)
+    assert sorted(ra) == sorted(rb)
+    for sid in ra:
+        for f in ("input_ids", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(getattr(ra[sid], f), getattr(rb[sid], f), err_msg=f"{sid} {f}")
+    ma, mb = load_manifest(a), load_manifest(b)
+    assert ma.spec.fingerprint == mb.spec.fingerprint
+    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards], "shards are byte-identical"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    data = big_corpus(tmp_path / "big.jsonl", tiny_corpus_dir, copies=25)
+    args = ["--model", tiny_model_dir, "--data", data, "--top-k", 8, "--seq-len", 64, "--num-shards", 12,
+            "--batch-size", 1, "--encoding", "exact"]
+    cli("teacher", *args, "--out", tmp_path / "ref")
+
+    out = tmp_path / "killed"
+    p = spawn("teacher", *args, "--out", out)
+    shard_dir = out / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = list(shard_dir.glob("*.parquet")) if shard_dir.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    done = list(shard_dir.glob("*.parquet"))
+    assert 2 <= len(done) < 12 and not (out / "manifest.json").exists()
+    before = {q.name: q.stat().st_mtime_ns for q in done}
+
+    res = cli("teacher", *args, "--out", out)
+    assert "finalized" in res.output
+    after = {q.name: q.stat().st_mtime_ns for q in shard_dir.glob("*.parquet")}
+    assert all(after[n] == t for n, t in before.items()), "finished shards are skipped, not rewritten"
+    assert not list(shard_dir.glob("*.tmp")), "no leftovers"
+    _assert_same_run(out, tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_work(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 8, "--seq-len", 32,
+            "--num-shards", 3]
+    cli("teacher", *args, "--out", tmp_path / "one")
+    out = tmp_path / "many"
+    procs = [spawn("teacher", *args, "--out", out, "--shard-index", i) for i in (0, 2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stdout.read()
+    assert not (out / "manifest.json").exists()
+    r = cli("teacher", "--finalize", out, expect_ok=False)
+    assert r.exit_code != 0 and "part-00001-of-00003" in r.output
+    # The third "node" comes from the environment, as a SLURM array task would.
+    p = spawn("teacher", *args, "--out", out, env={"SLURM_ARRAY_TASK_ID": "1"})
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    assert (out / "manifest.json").exists(), "the process that completes the run writes the manifest"
+    cli("teacher", "--finalize", out)
+    _assert_same_run(out, tmp_path / "one")
+
+
+def test_errors_are_specific(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    base = ["teacher", "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32]
+    r = cli(*base, "--model", tmp_path / "nope", "--out", tmp_path / "a", expect_ok=False)
+    assert r.exit_code != 0 and "nope" in r.output and "no such directory" in r.output
+    r = cli("teacher", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "b",
+            "--seq-len", 32, expect_ok=False)
+    assert r.exit_code != 0 and "missing.jsonl" in r.output
+    r = cli(*base, "--model", tiny_model_dir, "--out", tmp_path / "c", "--text-field", "body", expect_ok=False)
+    assert r.exit_code != 0 and "'body'" in r.output and "--text-field" in r.output
+    r = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", tmp_path / "d",
+            "--top-k", 100000, "--seq-len", 32, expect_ok=False)
+    assert r.exit_code != 0 and "larger than the teacher's vocabulary (384)" in r.output
+    r = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", tmp_path / "g",
+            "--seq-len", 4096, expect_ok=False)
+    assert r.exit_code != 0 and "exceeds the teacher's context (512 positions)" in r.output
+    r = cli(*base, "--model", tiny_model_dir, "--out", tmp_path / "e", "--top-k", 0, expect_ok=False)
+    assert r.exit_code != 0 and "top_k=0" in r.output
+    r = cli("teacher", "--out", tmp_path / "f", expect_ok=False)
+    assert r.exit_code != 0 and "--model" in r.output and "--data" in r.output
+
+
+def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    from tiny_models import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    args = ["--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32, "--out", tmp_path / "run"]
+    cli("teacher", "--model", tiny_model_dir, *args)
+    r = cli("teacher", "--model", other, *args, expect_ok=False)
+    assert r.exit_code != 0 and "different settings" in r.output and "teacher.weights_sha256" in r.output
+    r = cli("teacher", "--model", tiny_model_dir, *args[:-2], "--out", tmp_path / "run", "--top-k", 8, expect_ok=False)
+    assert "k: 4 vs 8" in r.output
+
+
+def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{tiny_model_dir}"\ndata = "{tiny_corpus_dir / "text.jsonl"}"\n'
+                   f'top-k = 4\nseq_len = 32\nout = "{tmp_path / "run"}"\n')
+    cli("teacher", "--config", cfg, "--top-k", 6)  # the flag wins over the file
+    info = json.loads(cli("inspect", tmp_path / "run", "--json").output)
+    assert info["k"] == 6 and info["rows"] > 0 and info["trained_tokens"] > 0
+    assert 0 < info["mean_topk_mass"] < 1 and info["bytes_per_trained_token"] > 0
+    table = cli("inspect", tmp_path / "run").output
+    assert "B / trained token" in table and "part-00000-of-00001.parquet" in table
+    cfg.write_text('modle = "x"\n')
+    r = cli("teacher", "--config", cfg, expect_ok=False)
+    assert r.exit_code != 0 and "unknown key(s) ['modle']" in r.output
