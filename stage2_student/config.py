@@ -34,6 +34,12 @@ class StudentConfig:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). Needs peft."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    l2_init: float = field(default=0.0, metadata={"help": "Baseline L2-SP: (c/2)·||θ − θ0||² toward the initial weights (0 = off)."})
+    ewc: float = field(default=0.0, metadata={"help": "Baseline EWC: (c/2)·Σ F·(θ − θ0)² with a diagonal Fisher of the base model (0 = off)."})
+    ewc_sequences: int = field(default=16, metadata={"help": "Stored sequences used to estimate the EWC Fisher."})
+    replay_data: str | None = field(default=None, metadata={"help": "Baseline replay: a general text corpus (jsonl/txt/parquet) mixed into training with CE only."})
+    replay_ratio: float = field(default=0.0, metadata={"help": "Fraction of each micro-batch's sequences that are replay (added on top of --batch-size)."})
+    replay_text_field: str = field(default="text", metadata={"help": "Column of --replay-data holding text."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, init of adapters, dropout."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
@@ -80,6 +86,18 @@ class StudentConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             p.append(f"precision={self.precision!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range "
                      f"overflows full-vocabulary logits; use bf16)")
+        for name in ("l2_init", "ewc"):
+            v = getattr(self, name)
+            if not finite(v) or v < 0:
+                p.append(f"{name}={v}: must be a finite number >= 0")
+        if self.ewc_sequences < 1:
+            p.append(f"ewc_sequences={self.ewc_sequences}: must be >= 1")
+        if not 0 <= self.replay_ratio < 1:
+            p.append(f"replay_ratio={self.replay_ratio}: must be in [0, 1)")
+        if self.replay_ratio > 0 and not self.replay_data:
+            p.append("replay_ratio > 0 needs --replay-data (a general corpus to replay)")
+        if self.replay_data and self.replay_ratio == 0:
+            p.append("--replay-data given but --replay-ratio is 0; set a ratio such as 0.25")
         if self.verify not in ("checksum", "size", "none"):
             p.append(f"verify={self.verify!r}: choose checksum, size or none")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
@@ -91,6 +109,12 @@ class StudentConfig:
         d = dataclasses.asdict(self)
         d["run_dir"], d["out"] = str(self.run_dir), str(self.out)
         return d
+
+    def replay_per_micro_batch(self) -> int:
+        """Replay sequences added to each micro-batch so that they make up `replay_ratio` of it."""
+        if self.replay_ratio <= 0:
+            return 0
+        return max(1, round(self.batch_size * self.replay_ratio / (1 - self.replay_ratio)))
 
     def replace(self, **kw) -> "StudentConfig":
         return dataclasses.replace(self, **kw)

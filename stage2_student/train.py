@@ -29,11 +29,12 @@ from .config import StudentConfig
 from .data import epoch_order, micro_batch_rows, steps_per_epoch
 from .losses import fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum, ce_sum
 from .model_io import check_student, load_model, load_tokenizer, save_hf
+from .regularizers import AnchorPenalty, ReplayStream, collate_plain, estimate_fisher
 
 log = logging.getLogger(__name__)
 
 # Settings that must not change across a resume (the data order and the optimisation depend on them).
-_RESUME_KEYS = ("run_dir", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
+_RESUME_KEYS = ("run_dir", "l2_init", "ewc", "ewc_sequences", "replay_data", "replay_ratio", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
                 "kd_temperature", "loss_form", "lora_r", "shuffle", "lr_schedule", "warmup_steps", "min_lr_ratio")
 
 
@@ -61,27 +62,34 @@ def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict):
     return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
 
 
-def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig):
-    """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, global trained
-    positions). Each micro-batch contributes sum / global count, so the accumulated gradient equals the
-    gradient of the mean loss over the whole step, however the positions are split."""
+def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig, replay: list[dict] | None = None):
+    """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, replay_ce_sum,
+    [global labelled positions, global replay positions]). Each micro-batch contributes sum / global count, so the accumulated
+    gradient equals the gradient of the mean loss over the whole step, however positions are split.
+    `replay` batches (no teacher labels) add CE only and count toward the positions."""
     world = acc.num_processes
-    local = torch.tensor(float(sum(int(b["label_mask"].sum()) for b in batches)), device=acc.device)
-    global_tokens = acc.reduce(local, reduction="sum").item()  # note: a sync point, once per step
-    ce_tot = torch.zeros((), device=acc.device)
-    kl_tot = torch.zeros((), device=acc.device)
-    for j, b in enumerate(batches):
+    items = [("labels", b) for b in batches] + [("replay", b) for b in (replay or [])]
+    local = torch.tensor([float(sum(int(b["label_mask"].sum()) for k, b in items if k == kind))
+                          for kind in ("labels", "replay")], device=acc.device)
+    counts = acc.reduce(local, reduction="sum").tolist()  # note: a sync point, once per step
+    global_tokens = counts[0] + counts[1]
+    scale = world / max(global_tokens, 1.0)  # DDP averages over ranks: undo it, then divide by the count
+    sums = torch.zeros(3, device=acc.device)  # ce, kl, replay ce
+    for j, (kind, b) in enumerate(items):
         b = _to(b, acc.device)
-        sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(model)
+        sync = contextlib.nullcontext() if j == len(items) - 1 else acc.no_sync(model)
         with sync:
             with acc.autocast():
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
-            # DDP averages gradients over ranks: scale by world so the result is sum / global count.
-            acc.backward(total_sum * (world / max(global_tokens, 1.0)))
-        ce_tot += ce_s
-        kl_tot += kl_s
-    return ce_tot, kl_tot, global_tokens
+            if kind == "labels":
+                total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
+                sums[0] += ce_s
+                sums[1] += kl_s
+            else:
+                total_sum = ce_sum(logits[:, :-1][b["label_mask"]], b["labels"][b["label_mask"]])
+                sums[2] += total_sum.detach()
+            acc.backward(total_sum * scale)
+    return sums[0], sums[1], sums[2], counts
 
 
 def _to(batch: dict, device) -> dict:
@@ -97,6 +105,19 @@ def _check_resume(state: dict, config: StudentConfig, world: int, ckpt_dir: Path
     if diffs:
         raise ValueError(f"cannot resume from {ckpt_dir}: settings differ:\n  " + "\n  ".join(diffs)
                          + "\nResume with the same settings, or start a new --out directory.")
+
+
+def _build_anchors(config: StudentConfig, model, params, reader: RunReader, pad_id: int) -> list[AnchorPenalty]:
+    anchors = []
+    if config.l2_init > 0:
+        anchors.append(AnchorPenalty(params, config.l2_init))
+    if config.ewc > 0:
+        n = min(config.ewc_sequences, len(reader))
+        rows = [reader[i] for i in range(n)]
+        batches = [collate_labels(rows[i:i + 4], pad_id=pad_id) for i in range(0, n, 4)]
+        fisher = estimate_fisher(model, batches, next(model.parameters()).device, seed=config.seed)
+        anchors.append(AnchorPenalty(params, config.ewc, weights=fisher))
+    return anchors
 
 
 def _apply_lora(model, config: StudentConfig):
@@ -133,6 +154,15 @@ def run(config: StudentConfig) -> dict:
     if config.lora_r:
         model = _apply_lora(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    anchors = _build_anchors(config, model, params, reader, pad_id)
+    replay, n_replay = None, config.replay_per_micro_batch()
+    if n_replay:
+        from stage1_teacher.corpus import load_sequences
+
+        rep = load_sequences(config.replay_data, tokenizer, seq_len=spec.seq_len, text_field=config.replay_text_field)
+        replay = ReplayStream(rep.sequences, seed=config.seed)
+        log.info("replay: %d sequences from %s, %d per micro-batch", len(rep.sequences), config.replay_data, n_replay)
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                             weight_decay=config.weight_decay)
 
@@ -187,8 +217,15 @@ def run(config: StudentConfig) -> dict:
             order_cache = {epoch: epoch_order(reader, seed=config.seed, epoch=epoch, shuffle=config.shuffle)}
         batches = [collate_labels([reader[int(i)] for i in micro_batch_rows(
             order_cache[epoch], s, j, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            rank=rank, world_size=world)], pad_id=tokenizer.pad_token_id or 0) for j in range(config.grad_accum)]
-        ce_tot, kl_tot, global_tokens = accumulate_gradients(acc, model, batches, config)
+            rank=rank, world_size=world)], pad_id=pad_id) for j in range(config.grad_accum)]
+        replay_batches = None
+        if replay is not None:
+            replay_batches = [collate_plain(replay.rows(step, j, rank, world, config.grad_accum, n_replay), pad_id=pad_id)
+                              for j in range(config.grad_accum)]
+        ce_tot, kl_tot, rep_tot, (n_lab, n_rep) = accumulate_gradients(acc, model, batches, config, replay_batches)
+        global_tokens = n_lab + n_rep
+        for a in anchors:
+            a.add_grad()
         if config.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
         else:
@@ -197,15 +234,22 @@ def run(config: StudentConfig) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        sums = acc.reduce(torch.stack([ce_tot, kl_tot]), reduction="sum")
+        sums = acc.reduce(torch.stack([ce_tot, kl_tot, rep_tot]), reduction="sum")
         tokens_done += global_tokens
         dt = time.perf_counter() - t0
         w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
-        last = {"step": step + 1, "epoch": epoch, "ce": sums[0].item() / global_tokens,
-                "kl": sums[1].item() / global_tokens,
-                "total": (w_ce * sums[0].item() + w_kl * sums[1].item()) / global_tokens,
+        # ce and kl per labelled position, replay_ce per replay position; the optimised loss is their
+        # position-weighted mean (every trained position counts once).
+        last = {"step": step + 1, "epoch": epoch, "ce": sums[0].item() / max(n_lab, 1),
+                "kl": sums[1].item() / max(n_lab, 1),
+                "total": (w_ce * sums[0].item() + w_kl * sums[1].item() + sums[2].item()) / global_tokens
+                + sum(a.value() for a in anchors),
                 "lr": lr_now, "grad_norm": float(grad_norm), "trained_tokens": int(global_tokens),
                 "tokens_per_s": global_tokens / dt, "step_s": dt}
+        if replay is not None:
+            last["replay_ce"] = sums[2].item() / max(n_rep, 1)
+        if anchors:
+            last["anchor_penalty"] = sum(a.value() for a in anchors)
         if acc.is_main_process and ((step + 1) % config.log_every == 0 or step + 1 == total):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
