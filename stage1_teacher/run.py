@@ -6,7 +6,8 @@ Work split: the corpus's sequences are cut into `num_shards` contiguous blocks b
 is written by whichever process is given `shard_index=i` (or by this process for every shard).
 A shard under its final name is complete and skipped on restart; a killed process loses at most
 the shard it was writing. The manifest is written by whichever process sees every shard present,
-or by `pipeline teacher --finalize RUN_DIR`.
+or by `pipeline teacher --finalize RUN_DIR`. With `--ray`, `ray_capture` scores the pending shards
+on a Ray cluster instead (one engine per worker, the same shard files).
 """
 from __future__ import annotations
 
@@ -126,6 +127,17 @@ def prepare(config: TeacherConfig):
     return spec, corpus, model_dir, (engine, device, dtype)
 
 
+def build_engine(spec: RunSpec, model_dir: Path, engine_name: str, device: str, dtype: str, gguf_file: str | None):
+    """The engine that scores this run's shards (in this process, or once per Ray worker)."""
+    from .engines.base import make_engine
+
+    engine = make_engine(engine_name, str(model_dir), dtype=dtype, device=device, gguf_file=gguf_file,
+                         **({"max_model_len": spec.seq_len, "max_logprobs": spec.k} if engine_name == "vllm" else {}))
+    if engine.vocab_size != spec.vocab_size:
+        raise ValueError(f"engine reports vocabulary {engine.vocab_size}, the model config {spec.vocab_size}")
+    return engine
+
+
 def _write_shard(engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) -> object:
     """Score `seqs` and write them as one shard; encoding and zstd run on a background thread so the
     engine never waits on compression."""
@@ -177,6 +189,10 @@ def run(config: TeacherConfig) -> dict:
     """Capture the shards this process is responsible for; write the manifest if the run is complete."""
     from tqdm.auto import tqdm
 
+    if config.ray:
+        from .ray_capture import run_ray
+
+        return run_ray(config)
     t0 = time.perf_counter()
     spec, corpus, model_dir, (engine_name, device, dtype) = prepare(config)
     claim_run_dir(config.out, spec)
@@ -188,12 +204,7 @@ def run(config: TeacherConfig) -> dict:
     receipts = []
     scored_tokens = 0
     if pending:
-        from .engines.base import make_engine
-
-        engine = make_engine(engine_name, str(model_dir), dtype=dtype, device=device, gguf_file=config.gguf_file,
-                             **({"max_model_len": spec.seq_len} if engine_name == "vllm" else {}))
-        if engine.vocab_size != spec.vocab_size:
-            raise ValueError(f"engine reports vocabulary {engine.vocab_size}, the model config {spec.vocab_size}")
+        engine = build_engine(spec, model_dir, engine_name, device, dtype, config.gguf_file)
         todo = sum(int(s.label_mask.sum()) for i in pending for s in corpus.sequences[slice(*bounds[i])])
         t_engine = time.perf_counter()
         with sigterm_as_exit(), tqdm(total=todo, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True) as bar:

