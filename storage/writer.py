@@ -174,13 +174,16 @@ class ShardWriter:
             schema=self.schema,
         )
         if self._writer is None:
-            float_cols = [c for c in ("topk_logprobs", "tail_logprob")
+            split_cols = [c for c in ("topk_logprobs", "tail_logprob")
                           if pa.types.is_floating(self.schema.field(c).type.value_type)]
+            if self.encoding.ids_byte_stream_split:
+                split_cols.append("topk_ids")
             self._writer = pq.ParquetWriter(
                 self.tmp, self.schema, compression="zstd", compression_level=self.encoding.zstd_level,
                 # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
                 use_dictionary=False,
-                use_byte_stream_split=[f"{c}.list.element" for c in float_cols] or False,
+                # Integer BYTE_STREAM_SPLIT needs Parquet 2.11 readers (pyarrow >= 16); see Encoding.
+                use_byte_stream_split=[f"{c}.list.element" for c in split_cols] or False,
                 write_statistics=["sample_id"],
             )
         self._writer.write_table(table, row_group_size=len(sid))

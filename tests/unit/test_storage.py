@@ -40,7 +40,9 @@ def test_exact_encoding_round_trip_is_bit_exact(tmp_path, vocab):
 
 
 @pytest.mark.parametrize("enc", [Encoding(), Encoding(ids="plain", logprobs="f16", tail="f16"),
-                                 Encoding(logprobs="q8", q8_step=0.05)])
+                                 Encoding(ids="delta", logprobs="q8", q8_step=0.05),
+                                 Encoding(ids="delta", logprobs="q8gap"),
+                                 Encoding(ids_byte_stream_split=False, logprobs="q8")])
 def test_compact_encodings_within_documented_bound(tmp_path, enc):
     spec = synthetic_spec(k=32, vocab_size=1000, num_shards=2, num_sequences=9, encoding=enc)
     _, rows = write_synthetic_run(tmp_path, spec)
@@ -54,17 +56,17 @@ def test_compact_encodings_within_documented_bound(tmp_path, enc):
             o = np.argsort(ids[p])
             g = np.argsort(got.topk_ids[p])
             np.testing.assert_array_equal(got.topk_ids[p][g], ids[p][o])
-            floor = enc.q8_floor() if enc.logprobs == "q8" else -np.inf
+            floor = enc.q8_floor() if enc.quantised() else -np.inf
             err = np.abs(got.topk_logprobs[p][g] - np.maximum(lp[p][o], floor))
             assert err.max() <= bound + 1e-6, (p, err.max(), bound)
         assert np.all(np.diff(got.topk_logprobs, axis=1) <= 0), "decoded log-probs must be descending"
         np.testing.assert_allclose(got.tail_logprob, tail, rtol=2e-3, atol=1e-3)
 
 
-def test_q8_error_bound_at_every_rank():
+@pytest.mark.parametrize("enc", [Encoding(), Encoding(ids="delta", logprobs="q8"), Encoding(ids="delta", logprobs="q8gap")])
+def test_q8_error_bound_at_every_rank(enc):
     rng = np.random.default_rng(1)
     ids, lp, tail = synthetic_topk(rng, 400, 5000, 128)
-    enc = Encoding()
     e = encode_positions(ids, lp, tail, enc, 5000)
     ids2, lp2, _ = decode_positions(*e, 128, enc)
     # Compare rank by rank after aligning by id (decode order can differ only among ties).
