@@ -40,6 +40,7 @@ class StudentConfig:
     replay_data: str | None = field(default=None, metadata={"help": "Baseline replay: a general text corpus (jsonl/txt/parquet) mixed into training with CE only."})
     replay_ratio: float = field(default=0.0, metadata={"help": "Fraction of each micro-batch's sequences that are replay (added on top of --batch-size)."})
     replay_text_field: str = field(default="text", metadata={"help": "Column of --replay-data holding text."})
+    teacher_online: str | None = field(default=None, metadata={"help": "Reference, not the recommended path: run this frozen teacher on every micro-batch and use the exact full-vocabulary KL instead of the stored labels (costs a second model in memory and a teacher forward per step)."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, init of adapters, dropout."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
@@ -98,6 +99,8 @@ class StudentConfig:
             p.append("replay_ratio > 0 needs --replay-data (a general corpus to replay)")
         if self.replay_data and self.replay_ratio == 0:
             p.append("--replay-data given but --replay-ratio is 0; set a ratio such as 0.25")
+        if self.teacher_online and self.divergence != "forward":
+            p.append("--teacher-online supports --divergence forward only (the exact full-vocabulary KL)")
         if self.verify not in ("checksum", "size", "none"):
             p.append(f"verify={self.verify!r}: choose checksum, size or none")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:

@@ -27,14 +27,14 @@ from storage.torch_data import collate_labels
 from . import checkpoint as ckpt
 from .config import StudentConfig
 from .data import epoch_order, micro_batch_rows, steps_per_epoch
-from .losses import fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum, ce_sum
+from .losses import ce_sum, exact_kl_sum, fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum
 from .model_io import check_student, load_model, load_tokenizer, save_hf
 from .regularizers import AnchorPenalty, ReplayStream, collate_plain, estimate_fisher
 
 log = logging.getLogger(__name__)
 
 # Settings that must not change across a resume (the data order and the optimisation depend on them).
-_RESUME_KEYS = ("run_dir", "l2_init", "ewc", "ewc_sequences", "replay_data", "replay_ratio", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
+_RESUME_KEYS = ("run_dir", "teacher_online", "l2_init", "ewc", "ewc_sequences", "replay_data", "replay_ratio", "kl_weight", "batch_size", "grad_accum", "lr", "seed", "kl_tail", "divergence",
                 "kd_temperature", "loss_form", "lora_r", "shuffle", "lr_schedule", "warmup_steps", "min_lr_ratio")
 
 
@@ -47,11 +47,18 @@ def lr_factor(step: int, total: int, config: StudentConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict):
-    """(total, ce, kl) sums over the micro-batch's trained positions; only total carries a gradient."""
+def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict, teacher_logits: torch.Tensor | None = None):
+    """(total, ce, kl) sums over the micro-batch's trained positions; only total carries a gradient.
+    With `teacher_logits` (the online reference) the KL is the exact full-vocabulary one."""
     z = logits[:, :-1][batch["label_mask"]]                          # (N, V)
     labels = batch["labels"][batch["label_mask"]]                    # (N,)
     w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
+    if teacher_logits is not None:
+        tau = config.kd_temperature
+        t = torch.log_softmax(teacher_logits[:, :-1][batch["label_mask"]].float() / tau, -1)  # (N, V)
+        ce = ce_sum(z, labels)
+        kl = exact_kl_sum(z.float() / tau, t) * tau**2
+        return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
     args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
     if config.divergence == "forward":
         return fused_ce_kl_sums(z, labels, *args, ce_weight=w_ce, kl_weight=w_kl, tail=config.kl_tail,
@@ -62,7 +69,8 @@ def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict):
     return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
 
 
-def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig, replay: list[dict] | None = None):
+def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig, replay: list[dict] | None = None,
+                         teacher=None):
     """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, replay_ce_sum,
     [global labelled positions, global replay positions]). Each micro-batch contributes sum / global count, so the accumulated
     gradient equals the gradient of the mean loss over the whole step, however positions are split.
@@ -82,7 +90,11 @@ def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig,
             with acc.autocast():
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             if kind == "labels":
-                total_sum, ce_s, kl_s = _loss_sums(config, logits, b)
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad(), acc.autocast():
+                        t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                total_sum, ce_s, kl_s = _loss_sums(config, logits, b, t_logits)
                 sums[0] += ce_s
                 sums[1] += kl_s
             else:
@@ -175,6 +187,12 @@ def run(config: StudentConfig) -> dict:
     total = config.max_steps or max(1, math.ceil(config.epochs * spe))
     # Not passed through accelerate.prepare: its wrapper steps the schedule once per process.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, config))
+    teacher = None
+    if config.teacher_online:
+        # The reference path: a frozen second model, run in no-grad on every micro-batch.
+        teacher = load_model(config.teacher_online, None)
+        check_student(spec, load_tokenizer(config.teacher_online), teacher, where=f"online teacher {config.teacher_online!r}")
+        teacher = teacher.to(acc.device).eval().requires_grad_(False)
     model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)
 
@@ -222,7 +240,8 @@ def run(config: StudentConfig) -> dict:
         if replay is not None:
             replay_batches = [collate_plain(replay.rows(step, j, rank, world, config.grad_accum, n_replay), pad_id=pad_id)
                               for j in range(config.grad_accum)]
-        ce_tot, kl_tot, rep_tot, (n_lab, n_rep) = accumulate_gradients(acc, model, batches, config, replay_batches)
+        ce_tot, kl_tot, rep_tot, (n_lab, n_rep) = accumulate_gradients(acc, model, batches, config, replay_batches,
+                                                                       teacher)
         global_tokens = n_lab + n_rep
         for a in anchors:
             a.add_grad()
