@@ -44,6 +44,9 @@ class TeacherConfig:
     split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder, loaded through transformers."})
     encoding: str = field(default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."})
+    ray: bool = field(default=False, metadata={"help": "Score the pending shards on a Ray cluster (Ray Data, one engine per worker); needs the [ray] extra."})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto (the cluster of this node) or HEAD:6379; default: RAY_ADDRESS, else a local instance."})
+    num_workers: int = field(default=1, metadata={"help": "With --ray: engines scoring shards at once (one GPU each when the cluster has GPUs, else CPU workers)."})
 
     def __post_init__(self):
         if self.num_shards is None:
@@ -67,6 +70,13 @@ class TeacherConfig:
                             f"(check --num-shards, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"max_samples={self.max_samples}: must be >= 1")
+        if self.num_workers < 1:
+            problems.append(f"num_workers={self.num_workers}: must be >= 1")
+        elif self.num_workers > 1 and not self.ray:
+            problems.append(f"num_workers={self.num_workers} needs ray=True (--ray); without Ray, run one process "
+                            f"per shard with --shard-index (or a SLURM / Kubernetes array)")
+        if self.ray_address is not None and not self.ray:
+            problems.append(f"ray_address={self.ray_address!r} needs ray=True (--ray)")
         try:
             Encoding.parse(self.encoding)
         except ValueError as e:
