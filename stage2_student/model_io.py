@@ -65,14 +65,18 @@ def check_student(spec: RunSpec, tokenizer, model, where: str) -> None:
                                    + "\nUse a student that shares the teacher's tokenizer, or capture a new run with it.")
 
 
-def save_hf(model, tokenizer, out_dir: Path) -> Path:
-    """Save a plain HF folder atomically (tmp folder, then rename); LoRA adapters are merged first."""
+def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
+    """Save a plain HF folder atomically (tmp folder, then rename); LoRA adapters are merged first.
+    `state_dict`: the full weights gathered from a sharded (FSDP) model, when the local module holds a shard."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):
+        if state_dict is not None:
+            model.load_state_dict(state_dict)  # the gathered adapters, before merging them in
+            state_dict = None
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():

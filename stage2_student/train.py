@@ -281,8 +281,10 @@ def run(config: StudentConfig) -> dict:
     model_dir = None
     if config.save_model:
         acc.wait_for_everyone()
+        # Collective under FSDP (gathers the shards); a plain state dict otherwise. Every rank must call it.
+        full_state = acc.get_state_dict(model) if acc.distributed_type.name == "FSDP" else None
         if acc.is_main_process:
-            model_dir = save_hf(acc.unwrap_model(model), tokenizer, out / "model")
+            model_dir = save_hf(acc.unwrap_model(model), tokenizer, out / "model", state_dict=full_state)
     elapsed = time.perf_counter() - t_start
     acc.wait_for_everyone()
     return {"out": str(out), "model_dir": str(model_dir) if model_dir else None, "steps": total,
