@@ -126,46 +126,70 @@ def tail_type(enc: Encoding) -> pa.DataType:
 
 
 def encode_positions(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, enc: Encoding, vocab_size: int):
-    """(N, k) ids, (N, k) log-probs, (N,) tail -> flat numpy arrays in storage types."""
+    """(N, K) ids, (N, K) log-probs, (N,) tail -> flat numpy arrays in storage types.
+
+    Variable counts per position (top-p, sampled labels) arrive padded: id -1 and log-prob -inf after
+    each position's valid prefix; only valid entries are stored (the writer stores the counts)."""
     ids = np.asarray(ids)
     logprobs = np.asarray(logprobs, dtype=np.float32)
+    valid = ids >= 0
+    padded = not valid.all()
     if enc.ids == "delta" and ids.size:
-        order = np.argsort(ids, axis=1, kind="stable")
-        ids = np.take_along_axis(ids, order, axis=1)
+        # Pads sort last (sentinel = vocab_size) and are dropped below.
+        key = np.where(valid, ids, vocab_size)
+        order = np.argsort(key, axis=1, kind="stable")
+        ids = np.take_along_axis(key, order, axis=1)
         logprobs = np.take_along_axis(logprobs, order, axis=1)
         ids = np.concatenate([ids[:, :1], np.diff(ids, axis=1)], axis=1)
-    ids_np = ids.astype(np.uint16 if vocab_size <= 65536 else np.uint32).reshape(-1)
+    ids_np = ids.astype(np.uint16 if vocab_size <= 65536 else np.uint32)
     if enc.quantised():
         codes = np.rint(-logprobs / enc.q8_step)
         codes = np.clip(np.nan_to_num(codes, posinf=255.0), 0, 255).astype(np.uint8)
         if enc.logprobs == "q8gap" and codes.size:
             codes = np.concatenate([codes[:, :1], np.diff(codes, axis=1)], axis=1)  # uint8: wraps mod 256
-        lp_np = codes.reshape(-1)
+        lp_np = codes
     elif enc.logprobs == "f16":
-        lp_np = logprobs.astype(np.float16).reshape(-1)
+        lp_np = logprobs.astype(np.float16)
     else:
-        lp_np = logprobs.reshape(-1)
+        lp_np = logprobs
     tail_np = np.asarray(tail, dtype=np.float16 if enc.tail == "f16" else np.float32).reshape(-1)
-    return ids_np, lp_np, tail_np
+    if padded:
+        return ids_np[valid], lp_np[valid], tail_np
+    return ids_np.reshape(-1), lp_np.reshape(-1), tail_np
 
 
-def decode_positions(ids_flat: np.ndarray, lp_flat: np.ndarray, tail_flat: np.ndarray, k: int, enc: Encoding):
-    """Inverse of encode_positions: (N, k) int32 ids, (N, k) float32 log-probs sorted descending, (N,) tail."""
+def decode_positions(ids_flat: np.ndarray, lp_flat: np.ndarray, tail_flat: np.ndarray, k: int, enc: Encoding,
+                     counts: np.ndarray | None = None):
+    """Inverse of encode_positions: (N, K) int32 ids, (N, K) float32 log-probs sorted descending, (N,) tail.
+    With `counts` (entries per position), positions are padded to K with id -1 and log-prob -inf."""
     n = tail_flat.shape[0]
-    ids = ids_flat.astype(np.int32).reshape(n, k)
+    if counts is not None:
+        valid = np.arange(k)[None, :] < counts[:, None]
+        ids = np.full((n, k), -1, dtype=np.int64)
+        ids[valid] = ids_flat
+        lp_codes = np.zeros((n, k), dtype=lp_flat.dtype) if enc.quantised() else np.full((n, k), -np.inf, dtype=np.float32)
+        lp_codes[valid] = lp_flat
+    else:
+        valid = None
+        ids = ids_flat.astype(np.int64).reshape(n, k)
+        lp_codes = lp_flat.reshape(n, k)
     if enc.quantised():
-        codes = lp_flat.reshape(n, k)
+        codes = lp_codes
         if enc.logprobs == "q8gap" and n:
             codes = np.cumsum(codes, axis=1, dtype=np.int32) & 0xFF
         lp = codes.astype(np.float32) * np.float32(-enc.q8_step)
     else:
-        lp = lp_flat.astype(np.float32).reshape(n, k)
+        lp = lp_codes.astype(np.float32)
     if enc.ids == "delta" and n:
-        ids = np.cumsum(ids, axis=1, dtype=np.int32)
+        ids = np.cumsum(ids if valid is None else np.where(valid, ids, 0), axis=1)
+    if valid is not None:
+        ids = np.where(valid, ids, -1)
+        lp = np.where(valid, lp, -np.inf).astype(np.float32)
+    if enc.ids == "delta" and n:
         order = np.argsort(-lp, axis=1, kind="stable")
         ids = np.take_along_axis(ids, order, axis=1)
         lp = np.take_along_axis(lp, order, axis=1)
-    return ids, lp, tail_flat.astype(np.float32)
+    return ids.astype(np.int32), lp, tail_flat.astype(np.float32)
 
 
 def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:

@@ -34,6 +34,9 @@ class SequenceLabels:
     topk_ids: np.ndarray       # int32 (n, k), n = label_mask.sum(), sorted by descending log-prob
     topk_logprobs: np.ndarray  # float32 (n, k)
     tail_logprob: np.ndarray   # float32 (n,) log of the teacher mass outside the top k
+    # Sampled runs only: (n, k) uint16 draws per entry (0 for exact head entries and padding).
+    # In variable runs (top-p, sampled) positions are padded to k with id -1 and log-prob -inf.
+    sample_counts: np.ndarray | None = None
 
 
 def _redo(path: Path) -> str:
@@ -79,6 +82,8 @@ class ShardReader:
         self.encoding = Encoding.from_dict(json.loads(meta["encoding"]))
         self.index, self.num_shards = int(meta["shard_index"]), int(meta["num_shards"])
         self.stats = json.loads(meta["stats"]) if "stats" in meta else None
+        self.variable = meta.get("variable", "0") == "1"
+        self.sampled = meta.get("sampled", "0") == "1"
         md = self._pf.metadata
         self.num_rows = md.num_rows
         self._rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
@@ -94,14 +99,21 @@ class ShardReader:
         ids, _ = _flat(table.column("topk_ids"))
         lps, _ = _flat(table.column("topk_logprobs"))
         tail, tail_off = _flat(table.column("tail_logprob"))
-        ids, lps, tail = decode_positions(ids, lps, tail, self.k, self.encoding)
+        counts = _flat(table.column("label_counts"))[0].astype(np.int64) if self.variable else None
+        ids, lps, tail = decode_positions(ids, lps, tail, self.k, self.encoding, counts)
+        draws = None
+        if self.sampled:
+            flat_draws, _ = _flat(table.column("sample_counts"))
+            draws = np.zeros(ids.shape, dtype=np.uint16)
+            draws[np.arange(self.k)[None, :] < counts[:, None]] = flat_draws
         out = []
         for r in range(len(sid)):
             a, b = tail_off[r], tail_off[r + 1]
             out.append(SequenceLabels(
                 sample_id=int(sid[r]), input_ids=inp[inp_off[r]:inp_off[r + 1]].astype(np.int32, copy=False),
                 label_mask=mask[mask_off[r]:mask_off[r + 1]].astype(bool, copy=False),
-                topk_ids=ids[a:b], topk_logprobs=lps[a:b], tail_logprob=tail[a:b]))
+                topk_ids=ids[a:b], topk_logprobs=lps[a:b], tail_logprob=tail[a:b],
+                sample_counts=None if draws is None else draws[a:b]))
         return out
 
     def read_row_group(self, i: int) -> list[SequenceLabels]:

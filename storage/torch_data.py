@@ -97,7 +97,7 @@ def collate_labels(batch: list[SequenceLabels], pad_id: int = 0) -> dict[str, to
         attention_mask[b, :n] = 1
         label_mask[b, :n - 1] = torch.from_numpy(s.label_mask)
     labels = torch.where(label_mask, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE_INDEX))
-    return {
+    out = {
         "sample_id": torch.tensor([s.sample_id for s in batch], dtype=torch.long),
         "input_ids": input_ids,                      # (B, T)
         "attention_mask": attention_mask,            # (B, T)
@@ -107,3 +107,6 @@ def collate_labels(batch: list[SequenceLabels], pad_id: int = 0) -> dict[str, to
         "topk_logprobs": torch.from_numpy(np.concatenate([s.topk_logprobs for s in batch])),      # (N, k)
         "tail_logprob": torch.from_numpy(np.concatenate([s.tail_logprob for s in batch])),        # (N,)
     }
+    if batch[0].sample_counts is not None:
+        out["sample_counts"] = torch.from_numpy(np.concatenate([s.sample_counts for s in batch]).astype(np.int64))  # (N, k)
+    return out

@@ -43,7 +43,13 @@ class ShardReceipt:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str]) -> pa.Schema:
+def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str], *, variable: bool = False,
+                 sampled: bool = False) -> pa.Schema:
+    optional = []
+    if variable:  # entries per trained position (top-p, sampled labels)
+        optional.append(pa.field("label_counts", pa.list_(pa.uint16()), nullable=False))
+    if sampled:  # draws per stored entry (0: an exact head entry)
+        optional.append(pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False))
     return pa.schema(
         [
             pa.field("sample_id", pa.int64(), nullable=False),
@@ -52,6 +58,7 @@ def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str]) -> pa
             pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),
             pa.field("topk_logprobs", pa.list_(logprob_type(enc)), nullable=False),
             pa.field("tail_logprob", pa.list_(tail_type(enc)), nullable=False),
+            *optional,
         ],
         metadata={(META_PREFIX + k).encode(): v.encode() for k, v in metadata.items()},
     )
@@ -79,7 +86,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, *, fingerprint: str, k: int, vocab_size: int, encoding: Encoding,
-                 row_group_rows: int = ROW_GROUP_ROWS):
+                 row_group_rows: int = ROW_GROUP_ROWS, variable: bool = False, sampled: bool = False):
         self.path = Path(path)
         parsed = parse_shard_name(self.path.name)
         if parsed is None:
@@ -89,6 +96,10 @@ class ShardWriter:
             raise ValueError(f"k={k} must be in 1..vocab_size ({vocab_size})")
         self.fingerprint, self.k, self.vocab_size, self.encoding = fingerprint, k, vocab_size, encoding
         self.row_group_rows = row_group_rows
+        # variable: positions hold 1..k entries (padded with id -1 on input); sampled: entries carry draw counts.
+        self.variable, self.sampled = variable or sampled, sampled
+        if sampled and encoding.ids == "delta":
+            raise ValueError("sampled labels need ids=plain: their draw counts are stored in entry order")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.path)
         self.tmp = tmp_path(self.path)
@@ -100,8 +111,10 @@ class ShardWriter:
             "encoding": json.dumps(encoding.to_dict(), sort_keys=True),
             "shard_index": str(self.index),
             "num_shards": str(self.num_shards),
+            "variable": str(int(self.variable)),
+            "sampled": str(int(self.sampled)),
         }
-        self.schema = shard_schema(vocab_size, encoding, self._meta)
+        self.schema = shard_schema(vocab_size, encoding, self._meta, variable=self.variable, sampled=self.sampled)
         self._writer: pq.ParquetWriter | None = None
         self._buf: list[tuple] = []
         self.rows = self.tokens = self.trained_tokens = 0
@@ -109,10 +122,13 @@ class ShardWriter:
         self._last_sample_id = None
 
     def add(self, sample_id: int, input_ids: np.ndarray, label_mask: np.ndarray, topk_ids: np.ndarray,
-            topk_logprobs: np.ndarray, tail_logprob: np.ndarray | None = None) -> None:
+            topk_logprobs: np.ndarray, tail_logprob: np.ndarray | None = None,
+            sample_counts: np.ndarray | None = None) -> None:
         """One sequence. `label_mask` is bool (T-1,): True where predicting input_ids[t+1] is trained.
         `topk_ids`/`topk_logprobs` are (n_trained, k) sorted by descending log-prob; `tail_logprob`
-        is (n_trained,), derived from the top k when not given."""
+        is (n_trained,), derived from the top k when not given. In a variable run a position's entries
+        are a prefix padded with id -1 (log-prob -inf); in a sampled run `sample_counts` (n_trained, k)
+        gives each entry's number of draws (0 for exact head entries and padding)."""
         input_ids = np.asarray(input_ids)
         label_mask = np.asarray(label_mask, dtype=bool)
         topk_ids = np.asarray(topk_ids)
@@ -127,15 +143,33 @@ class ShardWriter:
         if topk_ids.shape != (n, self.k) or topk_logprobs.shape != (n, self.k):
             raise ValueError(f"{where}: top-k arrays must have shape ({n}, {self.k}) (trained positions, k); "
                              f"got ids {topk_ids.shape}, logprobs {topk_logprobs.shape}")
-        if n and (topk_ids.min() < 0 or topk_ids.max() >= self.vocab_size):
-            raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids.min()}..{topk_ids.max()}")
+        valid = topk_ids >= 0
+        if not valid.all():
+            if not self.variable:
+                raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids.min()} "
+                                 f"(padding with -1 is only allowed in a variable-count run)")
+            if (np.diff(valid.astype(np.int8), axis=1) > 0).any() or not valid[:, 0].all():
+                raise ValueError(f"{where}: each position's entries must be a non-empty prefix followed by -1 padding")
+            topk_logprobs = np.where(valid, topk_logprobs, -np.inf).astype(np.float32)
+        if n and (topk_ids.max() >= self.vocab_size or topk_ids[valid].min() < 0):
+            raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids[valid].min()}..{topk_ids.max()}")
+        if self.sampled:
+            if sample_counts is None or np.shape(sample_counts) != (n, self.k):
+                raise ValueError(f"{where}: a sampled run needs sample_counts of shape ({n}, {self.k})")
+            sample_counts = np.asarray(sample_counts)
+            if (sample_counts < 0).any() or (sample_counts > 65535).any() or (sample_counts[~valid] != 0).any():
+                raise ValueError(f"{where}: sample_counts must be in 0..65535 and 0 on padding")
+        elif sample_counts is not None:
+            raise ValueError(f"{where}: sample_counts given but this shard is not a sampled run")
         if np.isnan(topk_logprobs).any() or np.isposinf(topk_logprobs).any():
             raise ValueError(f"{where}: the engine returned NaN or +inf log-probs; refusing to store them")
         if n and (topk_logprobs > 1e-3).any():
             raise ValueError(f"{where}: log-probs must be <= 0 (normalised), got max {topk_logprobs.max():.4f}")
-        if n and (np.diff(topk_logprobs, axis=1) > 1e-6).any():
+        with np.errstate(invalid="ignore"):  # -inf - -inf on padding is NaN, which compares False
+            unsorted = n and (np.diff(topk_logprobs, axis=1) > 1e-6).any()
+        if unsorted:
             raise ValueError(f"{where}: top-k log-probs must be sorted in descending order")
-        sorted_ids = np.sort(topk_ids, axis=1)
+        sorted_ids = np.sort(np.where(valid, topk_ids, -1 - np.arange(self.k)), axis=1)  # pads all distinct
         if n and (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any():
             raise ValueError(f"{where}: a position lists the same token id twice in its top k")
         tail = tail_from_topk(topk_logprobs) if tail_logprob is None else np.asarray(tail_logprob, dtype=np.float32)
@@ -146,7 +180,8 @@ class ShardWriter:
         if self._last_sample_id is not None and sample_id <= self._last_sample_id:
             raise ValueError(f"{where}: sample ids must increase within a shard (previous {self._last_sample_id})")
         self._last_sample_id = sample_id
-        self._buf.append((int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail))
+        self._buf.append((int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail,
+                          sample_counts))
         self.rows += 1
         self.tokens += T
         self.trained_tokens += n
@@ -157,19 +192,30 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        sid, inp, mask, ids, lps, tails = zip(*self._buf)
+        sid, inp, mask, ids, lps, tails, counts = zip(*self._buf)
         self._buf = []
+        all_ids = np.concatenate(ids)
         ids_np, lp_np, tail_np = encode_positions(
-            np.concatenate(ids), np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size)
+            all_ids, np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size)
         n_per_row = [len(t) for t in tails]
+        # Stored entries per row: k per position, or the sum of the positions' counts.
+        entries = [int((x >= 0).sum()) for x in ids] if self.variable else [n * self.k for n in n_per_row]
+        optional = []
+        if self.variable:
+            per_pos = (all_ids >= 0).sum(axis=1).astype(np.uint16)
+            optional.append(_list_array(per_pos, n_per_row, pa.uint16()))
+        if self.sampled:
+            all_counts = np.concatenate(counts)
+            optional.append(_list_array(all_counts[all_ids >= 0].astype(np.uint16), entries, pa.uint16()))
         table = pa.Table.from_arrays(
             [
                 pa.array(np.array(sid, dtype=np.int64)),
                 _list_array(np.concatenate(inp), [len(x) for x in inp], pa.int32()),
                 _list_array(np.concatenate(mask), [len(x) for x in mask], pa.bool_()),
-                _list_array(ids_np, [n * self.k for n in n_per_row], self.schema.field("topk_ids").type.value_type),
-                _list_array(lp_np, [n * self.k for n in n_per_row], self.schema.field("topk_logprobs").type.value_type),
+                _list_array(ids_np, entries, self.schema.field("topk_ids").type.value_type),
+                _list_array(lp_np, entries, self.schema.field("topk_logprobs").type.value_type),
                 _list_array(tail_np, n_per_row, self.schema.field("tail_logprob").type.value_type),
+                *optional,
             ],
             schema=self.schema,
         )

@@ -246,3 +246,60 @@ def test_random_access_matches_iteration(tmp_path):
         np.testing.assert_array_equal(r[i].topk_ids, rows[i].topk_ids)
     with pytest.raises(IndexError):
         r[17]
+
+
+def _variable_rows(rng, n, k, vocab, sampled):
+    ids, lp, tail = synthetic_topk(rng, n, vocab, k)
+    counts = rng.integers(1, k + 1, size=n)
+    valid = np.arange(k)[None, :] < counts[:, None]
+    ids = np.where(valid, ids, -1)
+    lp = np.where(valid, lp, -np.inf).astype(np.float32)
+    draws = np.where(valid, rng.integers(0 if sampled == "hybrid" else 1, 5, size=(n, k)), 0) if sampled else None
+    return ids, lp, tail, draws
+
+
+@pytest.mark.parametrize("enc", [Encoding.exact(), Encoding(), Encoding(ids="delta", logprobs="q8")])
+@pytest.mark.parametrize("sampled", [None, "sample", "hybrid"])
+def test_variable_count_round_trip(tmp_path, enc, sampled):
+    if sampled and enc.ids == "delta":
+        with pytest.raises(ValueError, match="ids=plain"):
+            ShardWriter(shard_path(tmp_path, 0, 1), fingerprint="f", k=4, vocab_size=50, encoding=enc, sampled=True)
+        return
+    rng = np.random.default_rng(5)
+    k, vocab = 12, 300
+    path = shard_path(tmp_path, 0, 1)
+    want = []
+    with ShardWriter(path, fingerprint="f", k=k, vocab_size=vocab, encoding=enc, row_group_rows=3,
+                     variable=True, sampled=bool(sampled)) as w:
+        for sid in range(7):
+            T = int(rng.integers(3, 20))
+            mask = rng.random(T - 1) < 0.7
+            ids, lp, tail, draws = _variable_rows(rng, int(mask.sum()), k, vocab, sampled)
+            w.add(sid, rng.integers(0, vocab, T), mask, ids, lp, tail, sample_counts=draws)
+            want.append((ids, lp, tail, draws))
+        w.close()
+    got = list(ShardReader(path))
+    bound = enc.logprob_error_bound()
+    for row, (ids, lp, tail, draws) in zip(got, want):
+        assert row.topk_ids.shape == ids.shape
+        np.testing.assert_array_equal(row.topk_ids >= 0, ids >= 0)  # same counts per position
+        for p in range(len(ids)):
+            v = ids[p] >= 0
+            a, b = np.argsort(ids[p][v]), np.argsort(row.topk_ids[p][v])
+            np.testing.assert_array_equal(row.topk_ids[p][v][b], ids[p][v][a])
+            floor = enc.q8_floor() if enc.quantised() else -np.inf
+            assert np.abs(row.topk_logprobs[p][v][b] - np.maximum(lp[p][v][a], floor)).max() <= bound + 1e-6
+            assert np.isneginf(row.topk_logprobs[p][~v]).all()
+            if draws is not None:
+                np.testing.assert_array_equal(row.sample_counts[p][v][b], draws[p][v][a])
+        if draws is None:
+            assert row.sample_counts is None
+
+
+def test_variable_padding_must_be_a_suffix(tmp_path):
+    w = ShardWriter(shard_path(tmp_path, 0, 1), fingerprint="f", k=3, vocab_size=10, encoding=Encoding(), variable=True)
+    with pytest.raises(ValueError, match="prefix"):
+        w.add(0, np.array([1, 2]), np.array([True]), np.array([[-1, 3, 4]]), np.array([[-np.inf, -1.0, -2.0]]))
+    fixed = ShardWriter(shard_path(tmp_path, 0, 1), fingerprint="f", k=3, vocab_size=10, encoding=Encoding())
+    with pytest.raises(ValueError, match="variable-count run"):
+        fixed.add(0, np.array([1, 2]), np.array([True]), np.array([[3, -1, -1]]), np.array([[-1.0, -np.inf, -np.inf]]))
