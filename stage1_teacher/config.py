@@ -28,7 +28,12 @@ class TeacherConfig:
     model: str = field(metadata={"help": "Teacher: a local Hugging Face folder, a hub name, or a folder holding --gguf-file."})
     data: str = field(metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."})
     out: Path = field(metadata={"help": "Run directory to create or resume."})
-    top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position."})
+    top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."})
+    capture: str = field(default="topk", metadata={"help": "What to store per position: topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws). See stage1_teacher/capture_modes.py."})
+    top_p: float = field(default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."})
+    min_k: int = field(default=4, metadata={"help": "topp: at least this many entries per position."})
+    draws: int = field(default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."})
+    seed: int = field(default=0, metadata={"help": "sample / hybrid: seed of the draws (each sequence's draws depend on (seed, sample id) only)."})
     seq_len: int = field(default=1024, metadata={"help": "Tokens per stored sequence (documents are packed)."})
     engine: str = field(default="auto", metadata={"help": "auto | hf | vllm (auto: vllm when installed and a GPU is present)."})
     dtype: str = field(default="auto", metadata={"help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."})
@@ -57,6 +62,17 @@ class TeacherConfig:
         problems = []
         if self.top_k < 1:
             problems.append(f"top_k={self.top_k}: must be >= 1")
+        if self.capture not in ("topk", "topp", "sample", "hybrid"):
+            problems.append(f"capture={self.capture!r}: choose topk, topp, sample or hybrid")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p}: must be in (0, 1]")
+        if not 1 <= self.min_k <= self.top_k:
+            problems.append(f"min_k={self.min_k}: must be in 1..top_k ({self.top_k})")
+        if not 1 <= self.draws <= 65535:
+            problems.append(f"draws={self.draws}: must be in 1..65535")
+        if self.capture in ("sample", "hybrid") and self.engine == "vllm":
+            problems.append(f"capture={self.capture} draws from the full distribution, which vLLM does not return; "
+                            f"use --engine hf")
         if self.seq_len < 2:
             problems.append(f"seq_len={self.seq_len}: must be >= 2")
         if self.batch_size < 1:

@@ -26,6 +26,7 @@ from storage import (Encoding, IncompleteRunError, RunSpec, ShardWriter, build_m
 from storage.layout import FORMAT_VERSION
 
 from .config import TeacherConfig
+from .capture_modes import apply_top_p, distinct_draws, draw_uniforms, hybrid_entries, stored_width
 from .teacher_identity import resolve_model_dir, teacher_identity
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def prepare(config: TeacherConfig):
     problems = []
     if config.top_k > vocab_size:
         problems.append(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size})")
+    elif config.capture == "hybrid" and config.top_k + config.draws > vocab_size:
+        problems.append(f"--top-k {config.top_k} + --draws {config.draws} exceed the teacher's vocabulary ({vocab_size})")
     if max_pos is not None and config.seq_len > max_pos:
         problems.append(f"--seq-len {config.seq_len} exceeds the teacher's context ({max_pos} positions)")
     if problems:
@@ -111,13 +114,24 @@ def prepare(config: TeacherConfig):
     if config.num_shards > n:
         raise ValueError(f"--num-shards {config.num_shards} exceeds the {n} sequences of {config.data}: "
                          f"every shard needs at least one sequence; use --num-shards <= {n}")
+    if config.capture in ("sample", "hybrid") and engine != "hf":
+        raise ValueError(f"--capture {config.capture} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
+    width = stored_width(config.capture, config.top_k, config.draws)
+    capture = {"mode": config.capture, "engine": engine, "dtype": dtype}
+    if config.capture == "topp":
+        capture |= {"top_p": config.top_p, "min_k": config.min_k, "max_k": config.top_k}
+    elif config.capture in ("sample", "hybrid"):
+        capture |= {"draws": config.draws, "seed": config.seed, "head_k": config.top_k if config.capture == "hybrid" else 0}
+    encoding = Encoding.parse(config.encoding)
+    if config.capture in ("sample", "hybrid") and encoding.ids == "delta":
+        raise ValueError("--capture sample/hybrid stores draw counts in entry order: use ids=plain in --encoding")
     spec = RunSpec(
         teacher={**identity, "dtype": dtype},
         tokenizer=tokenizer_fingerprint(tokenizer),
         vocab_size=vocab_size,
-        k=config.top_k,
-        encoding=Encoding.parse(config.encoding).to_dict(),
-        capture={"mode": "topk", "engine": engine, "dtype": dtype},
+        k=width,
+        encoding=encoding.to_dict(),
+        capture=capture,
         corpus={"fingerprint": corpus.fingerprint, "source": str(config.data), **corpus.settings},
         seq_len=config.seq_len,
         num_shards=config.num_shards,
@@ -145,13 +159,14 @@ def _write_shard(engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) 
     q: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
 
-    with ShardWriter(path, fingerprint=spec.fingerprint, k=spec.k, vocab_size=spec.vocab_size, encoding=enc) as writer:
+    mode = spec.capture.get("mode", "topk")
+    with ShardWriter(path, fingerprint=spec.fingerprint, k=spec.k, vocab_size=spec.vocab_size, encoding=enc,
+                     variable=mode != "topk", sampled=mode in ("sample", "hybrid")) as writer:
         def consume():
             try:
                 while (item := q.get()) is not None:
                     for seq, top in item:
-                        m = seq.label_mask
-                        writer.add(seq.sample_id, seq.input_ids, m, top.ids[m], top.logprobs[m], top.tail_logprob[m])
+                        writer.add(seq.sample_id, seq.input_ids, seq.label_mask, *_stored(spec.capture, top, seq.label_mask))
             except BaseException as e:  # surfaced in the main thread below
                 failure.append(e)
 
@@ -160,7 +175,7 @@ def _write_shard(engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) 
         try:
             for start in range(0, len(seqs), batch_size):
                 batch = seqs[start:start + batch_size]
-                tops = engine.score([s.input_ids for s in batch], spec.k)
+                tops = _score(engine, spec, batch)
                 while True:
                     if failure:
                         raise failure[0]
@@ -176,6 +191,32 @@ def _write_shard(engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) 
         if failure:
             raise failure[0]
         return writer.close()
+
+
+def _score(engine, spec: RunSpec, batch) -> list:
+    cap = spec.capture
+    mode = cap.get("mode", "topk")
+    if mode in ("topk", "topp"):
+        return engine.score([s.input_ids for s in batch], spec.k)
+    uniforms = [draw_uniforms(cap["seed"], s.sample_id, len(s.input_ids) - 1, cap["draws"]) for s in batch]
+    head = max(cap["head_k"], 1)  # sample mode needs no head; the engine's top-1 is simply ignored
+    return engine.score([s.input_ids for s in batch], head, uniforms=uniforms, tail_only=mode == "hybrid")
+
+
+def _stored(capture: dict, top, m):
+    """(ids, logprobs, tail, sample_counts) of one sequence's trained positions, in the capture's layout."""
+    mode = capture.get("mode", "topk")
+    if mode == "topk":
+        return top.ids[m], top.logprobs[m], top.tail_logprob[m], None
+    if mode == "topp":
+        return (*apply_top_p(top.ids[m], top.logprobs[m], top.tail_logprob[m], capture["top_p"], capture["min_k"]), None)
+    if mode == "sample":
+        ids, lps, counts = distinct_draws(top.sample_ids[m], top.sample_logprobs[m], capture["draws"])
+        from storage.codec import tail_from_topk
+
+        return ids, lps, tail_from_topk(lps), counts
+    return hybrid_entries(top.ids[m], top.logprobs[m], top.tail_logprob[m], top.sample_ids[m],
+                          top.sample_logprobs[m], capture["draws"])
 
 
 def finalize(run_dir: Path) -> dict:

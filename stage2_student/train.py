@@ -29,6 +29,7 @@ from .config import StudentConfig
 from .data import epoch_order, micro_batch_rows, steps_per_epoch
 from .losses import ce_sum, exact_kl_sum, fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum
 from .model_io import check_student, load_model, load_tokenizer, save_hf
+from .targets import to_targets
 from .regularizers import AnchorPenalty, ReplayStream, collate_plain, estimate_fisher
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,9 @@ def run(config: StudentConfig) -> dict:
         epoch, s = divmod(step, spe)
         if epoch not in order_cache:
             order_cache = {epoch: epoch_order(reader, seed=config.seed, epoch=epoch, shuffle=config.shuffle)}
-        batches = [collate_labels([reader[int(i)] for i in micro_batch_rows(
+        batches = [to_targets(collate_labels([reader[int(i)] for i in micro_batch_rows(
             order_cache[epoch], s, j, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            rank=rank, world_size=world)], pad_id=pad_id) for j in range(config.grad_accum)]
+            rank=rank, world_size=world)], pad_id=pad_id), spec.capture) for j in range(config.grad_accum)]
         replay_batches = None
         if replay is not None:
             replay_batches = [collate_plain(replay.rows(step, j, rank, world, config.grad_accum, n_replay), pad_id=pad_id)

@@ -25,6 +25,10 @@ class TopK:
     ids: np.ndarray  # int32 (T-1, k), sorted by descending log-prob
     logprobs: np.ndarray  # float32 (T-1, k), log-probs normalised over the full vocabulary
     tail_logprob: np.ndarray  # float32 (T-1,): log of the mass outside the top k (-inf if none)
+    # With draws (hf engine only): (T-1, N) token ids drawn from the teacher distribution (or from it
+    # restricted to the tail, outside the top k; -1 where the tail is empty) and their log-probs.
+    sample_ids: np.ndarray | None = None
+    sample_logprobs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.ids.shape[0]

@@ -36,6 +36,18 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _inverse_cdf_draws(lp: torch.Tensor, full_lp: torch.Tensor, u: torch.Tensor):
+    """One draw per uniform from the (possibly restricted, unnormalised) distribution exp(lp) (C, V):
+    the first token whose cumulative mass reaches u · total. Returns ids (C, N) (-1 where the
+    distribution is empty) and their log-probs under the full distribution `full_lp`."""
+    cdf = torch.cumsum(torch.exp(lp.double()), dim=-1)                     # (C, V) fp64: exact enough for 1e5+ tokens
+    total = cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u * total).clamp_(max=lp.shape[-1] - 1)  # (C, N)
+    ids = torch.where(total > 0, ids, torch.full_like(ids, -1))
+    logps = torch.where(ids >= 0, full_lp.gather(-1, ids.clamp(min=0)), torch.full_like(u, float("-inf"), dtype=torch.float32))
+    return ids.to(torch.int32), logps.float()
+
+
 class HFEngine:
     """Score sequences with a transformers causal LM in eval mode, without gradients.
 
@@ -176,8 +188,13 @@ class HFEngine:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.inference_mode()
-    def score(self, batch: list[np.ndarray], k: int) -> list[TopK]:
-        """Top-k log-probs for every real position of every sequence (T_i - 1 rows each)."""
+    def score(self, batch: list[np.ndarray], k: int, *, uniforms: list[np.ndarray] | None = None,
+              tail_only: bool = False) -> list[TopK]:
+        """Top-k log-probs for every real position of every sequence (T_i - 1 rows each).
+
+        uniforms: one (T_i - 1, N) array per sequence of numbers in (0, 1]; each becomes one draw from
+        the full distribution (inverse CDF), or from the distribution restricted to outside the top k
+        when `tail_only`. Passing the uniforms in keeps draws independent of batching."""
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r}: need a positive int")
         if k > self.vocab_size:
@@ -200,6 +217,13 @@ class HFEngine:
             project = None
 
         n = flat.shape[0]
+        U = None
+        if uniforms is not None:
+            U = torch.from_numpy(np.concatenate([np.asarray(u, dtype=np.float64) for u in uniforms])).to(self.device)
+            if U.shape[0] != n:
+                raise ValueError(f"uniforms cover {U.shape[0]} positions, the batch has {n}")
+            draw_ids = torch.empty(U.shape, dtype=torch.int32, device=self.device)
+            draw_lp = torch.empty(U.shape, dtype=torch.float32, device=self.device)
         ids_out = torch.empty((n, k), dtype=torch.int32, device=self.device)
         lp_out = torch.empty((n, k), dtype=torch.float32, device=self.device)
         tail_out = torch.empty((n,), dtype=torch.float32, device=self.device)
@@ -208,19 +232,28 @@ class HFEngine:
             chunk = project(flat[s:e]) if project is not None else flat[s:e]
             lp = torch.log_softmax(chunk.float(), dim=-1)  # (n, V) fp32
             vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
+            full = lp.clone() if U is not None else None
+            if U is not None and not tail_only:
+                draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
             # The tail from the rest of the distribution, not 1 - sum(top-k): exact even when the
             # top-k mass is within float rounding of 1.
             lp.scatter_(-1, idx, float("-inf"))
             tail_out[s:e] = torch.logsumexp(lp, dim=-1)
+            if U is not None and tail_only:
+                draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
             ids_out[s:e] = idx.to(torch.int32)
             lp_out[s:e] = vals
         ids_np, lp_np, tail_np = ids_out.cpu().numpy(), lp_out.cpu().numpy(), tail_out.cpu().numpy()
+        d_ids = draw_ids.cpu().numpy() if U is not None else None
+        d_lp = draw_lp.cpu().numpy() if U is not None else None
 
         out = []
         start = 0
         for length in lengths:
             stop = start + length - 1
-            out.append(TopK(ids=ids_np[start:stop], logprobs=lp_np[start:stop], tail_logprob=tail_np[start:stop]))
+            out.append(TopK(ids=ids_np[start:stop], logprobs=lp_np[start:stop], tail_logprob=tail_np[start:stop],
+                            sample_ids=None if d_ids is None else d_ids[start:stop],
+                            sample_logprobs=None if d_lp is None else d_lp[start:stop]))
             start = stop
         return out
 

@@ -181,3 +181,34 @@ def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     cfg.write_text('modle = "x"\n')
     r = cli("teacher", "--config", cfg, expect_ok=False)
     assert r.exit_code != 0 and "unknown key(s) ['modle']" in r.output
+
+
+@pytest.mark.parametrize("mode, extra", [("topp", ["--top-k", 32, "--top-p", 0.5, "--min-k", 2]),
+                                         ("sample", ["--draws", 16]),
+                                         ("hybrid", ["--top-k", 4, "--draws", 8])])
+def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mode, extra):
+    out = tmp_path / mode
+    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
+        "--seq-len", 32, "--capture", mode, *extra)
+    reader = RunReader(out)
+    assert reader.spec.capture["mode"] == mode
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    row = reader[0]
+    ids, lp, _ = reference_topk(model, row.input_ids, 384)
+    full = {}
+    for p in range(len(ids)):
+        full[p] = dict(zip(ids[p], lp[p]))
+    for q, p in enumerate(np.flatnonzero(row.label_mask)):
+        valid = row.topk_ids[q] >= 0
+        assert valid.any()
+        # Every stored entry carries the teacher's own log-prob (within the q8 bound).
+        for i, v in zip(row.topk_ids[q][valid], row.topk_logprobs[q][valid]):
+            assert abs(full[p][i] - v) <= Encoding().logprob_error_bound() + 1e-4
+        if mode == "sample":
+            assert row.sample_counts[q].sum() == 16
+        if mode == "hybrid":
+            assert (row.sample_counts[q][:4] == 0).all() and row.sample_counts[q][4:].sum() == 8
+    res = cli("student", "--run-dir", out, "--out", tmp_path / f"s_{mode}", "--max-steps", 2, "--batch-size", 2,
+              "--verify", "size")
+    m = [json.loads(l) for l in (tmp_path / f"s_{mode}" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 2 and all(np.isfinite([r["ce"], r["kl"], r["total"]]).all() for r in m)
