@@ -50,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import RunSpec, claim_run_dir, missing_shards, shard_path
+from storage import RunSpec, claim_run_dir, shard_path
 from storage.reader import receipt_for
 
 from .config import TeacherConfig
 from .corpus import Sequence
-from .run import _write_shard, build_engine, finalize, prepare, shard_bounds, sigterm_as_exit
+from .run import _write_shard, build_engine, finish, prepare, shard_bounds, sigterm_as_exit
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,4 @@ def run_ray(config: TeacherConfig) -> dict:
                "wall_s": time.perf_counter() - t0, "finalized": False,
                "ray": {"workers": plan["workers"] if plan else 0, "gpus": plan["gpus"] if plan else 0,
                        "hosts": sorted({r["host"] for r in results})}}
-    if not missing_shards(config.out, spec):
-        summary["run"] = finalize(config.out)
-        summary["finalized"] = True
-    else:
-        summary["missing_shards"] = missing_shards(config.out, spec)
-    return summary
+    return finish(config.out, spec, summary)

@@ -219,6 +219,17 @@ def _stored(capture: dict, top, m):
                           top.sample_logprobs[m], capture["draws"])
 
 
+def finish(run_dir: Path, spec: RunSpec, summary: dict) -> dict:
+    """Write the manifest if this process completed the run; otherwise say which shards are missing."""
+    missing = missing_shards(run_dir, spec)
+    if missing:
+        summary["missing_shards"] = missing
+    else:
+        summary["run"] = finalize(run_dir)
+        summary["finalized"] = True
+    return summary
+
+
 def finalize(run_dir: Path) -> dict:
     """Check every shard is present and consistent, and write manifest.json. Names missing shards."""
     m = build_manifest(run_dir)
@@ -263,12 +274,7 @@ def run(config: TeacherConfig) -> dict:
                "bytes": sum(r.bytes for r in receipts),
                "bytes_per_trained_token": sum(r.bytes for r in receipts) / max(scored_tokens, 1) if receipts else None,
                "wall_s": time.perf_counter() - t0, "finalized": False}
-    if not missing_shards(config.out, spec):
-        summary["run"] = finalize(config.out)
-        summary["finalized"] = True
-    else:
-        summary["missing_shards"] = missing_shards(config.out, spec)
-    return summary
+    return finish(config.out, spec, summary)
 
 
 def summary_line(s: dict) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from storage.torch_data import IGNORE_INDEX
+from storage.torch_data import IGNORE_INDEX, pad_inputs
 
 
 class AnchorPenalty:
@@ -127,15 +127,4 @@ class ReplayStream:
 
 def collate_plain(seqs: list, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Model inputs and CE labels for sequences without teacher labels (replay)."""
-    B = len(seqs)
-    T = max(len(s.input_ids) for s in seqs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    label_mask = torch.zeros((B, T - 1), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        n = len(s.input_ids)
-        input_ids[b, :n] = torch.from_numpy(np.asarray(s.input_ids, dtype=np.int64))
-        attention_mask[b, :n] = 1
-        label_mask[b, :n - 1] = torch.from_numpy(np.asarray(s.label_mask, dtype=bool))
-    labels = torch.where(label_mask, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE_INDEX))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "label_mask": label_mask, "labels": labels}
+    return pad_inputs(seqs, pad_id)

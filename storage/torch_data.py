@@ -80,29 +80,36 @@ class ShardStream(IterableDataset):
                     yield shard[int(j)]
 
 
+def pad_inputs(seqs, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs and CE labels for objects with `input_ids` (T,) and `label_mask` (T-1,)."""
+    B = len(seqs)
+    T = max(len(s.input_ids) for s in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    label_mask = torch.zeros((B, T - 1), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        n = len(s.input_ids)
+        input_ids[b, :n] = torch.from_numpy(np.asarray(s.input_ids, dtype=np.int64))
+        attention_mask[b, :n] = 1
+        label_mask[b, :n - 1] = torch.from_numpy(np.asarray(s.label_mask, dtype=bool))
+    labels = torch.where(label_mask, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE_INDEX))
+    return {
+        "input_ids": input_ids,                      # (B, T)
+        "attention_mask": attention_mask,            # (B, T)
+        "label_mask": label_mask,                    # (B, T-1)
+        "labels": labels,                            # (B, T-1), IGNORE_INDEX where untrained
+    }
+
+
 def collate_labels(batch: list[SequenceLabels], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a list of sequences into model inputs plus the teacher labels of every trained position.
 
     The teacher arrays are flattened over trained positions in row-major (b, t) order, the same
     order as `logits[:, :-1][label_mask]`, so the loss never gathers through padding.
     """
-    B = len(batch)
-    T = max(len(s.input_ids) for s in batch)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    label_mask = torch.zeros((B, T - 1), dtype=torch.bool)
-    for b, s in enumerate(batch):
-        n = len(s.input_ids)
-        input_ids[b, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-        attention_mask[b, :n] = 1
-        label_mask[b, :n - 1] = torch.from_numpy(s.label_mask)
-    labels = torch.where(label_mask, input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE_INDEX))
     out = {
         "sample_id": torch.tensor([s.sample_id for s in batch], dtype=torch.long),
-        "input_ids": input_ids,                      # (B, T)
-        "attention_mask": attention_mask,            # (B, T)
-        "label_mask": label_mask,                    # (B, T-1)
-        "labels": labels,                            # (B, T-1), IGNORE_INDEX where untrained
+        **pad_inputs(batch, pad_id),
         "topk_ids": torch.from_numpy(np.concatenate([s.topk_ids for s in batch]).astype(np.int64)),  # (N, k)
         "topk_logprobs": torch.from_numpy(np.concatenate([s.topk_logprobs for s in batch])),      # (N, k)
         "tail_logprob": torch.from_numpy(np.concatenate([s.tail_logprob for s in batch])),        # (N,)
