@@ -186,7 +186,14 @@ def _write_shard(engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) 
                         continue
                 bar.update(sum(int(s.label_mask.sum()) for s in batch))
         finally:
-            q.put(None) if not failure else None
+            # The sentinel only while the writer lives: one that died on a row never drains the queue
+            # again, and a blocking put into a full queue would wait forever.
+            while t.is_alive():
+                try:
+                    q.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
             t.join()
         if failure:
             raise failure[0]

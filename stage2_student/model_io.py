@@ -60,6 +60,11 @@ def check_student(spec: RunSpec, tokenizer, model, where: str) -> None:
     out_dim = model.get_output_embeddings().weight.shape[0]
     if out_dim != spec.vocab_size:
         problems.append(f"vocab_size: student output dimension {out_dim} vs the teacher's {spec.vocab_size}")
+    cfg = getattr(model.config, "text_config", None) or model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and spec.seq_len > max_pos:
+        problems.append(f"seq_len: the run's sequences have up to {spec.seq_len} tokens, the student's context "
+                        f"(max_position_embeddings) is {max_pos}; capture a new run with --seq-len <= {max_pos}")
     if problems:
         raise StudentMismatchError(f"{where} cannot be trained on this run's labels:\n  " + "\n  ".join(problems)
                                    + "\nUse a student that shares the teacher's tokenizer, or capture a new run with it.")

@@ -23,3 +23,13 @@ class IncompleteRunError(StorageError):
 
 class ManifestError(StorageError):
     """manifest.json or run.json is missing fields, malformed, or disagrees with the shards."""
+
+
+class RunWriteError(StorageError):
+    """A file of a run (shard, receipt, run.json, manifest) could not be written: disk full, permissions,
+    an I/O error. Nothing partial is left under a final name; the message names the file and what to do."""
+
+    @classmethod
+    def from_os_error(cls, path, error: OSError, then: str) -> "RunWriteError":
+        return cls(f"{path}: could not be written ({error.strerror or error}); nothing partial was kept under its "
+                   f"final name. Free space on that filesystem (or fix the cause), then {then}")

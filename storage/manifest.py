@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_json, fsync_dir, tmp_path
-from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError
+from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError, RunWriteError
 from .layout import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, RUN_SPEC, SHARD_DIR, parse_shard_name,
                      receipt_path, shard_name)
 
@@ -107,14 +107,16 @@ def claim_run_dir(run_dir: Path, spec: RunSpec) -> RunSpec:
     path = run_dir / RUN_SPEC
     if not path.exists():
         tmp = tmp_path(path)
-        tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         try:
+            tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.link(tmp, path)  # fails if another process created it first: then compare below
             fsync_dir(run_dir)
         except FileExistsError:
             pass
+        except OSError as e:  # disk full: no half-written run.json (or its tmp) is left behind
+            raise RunWriteError.from_os_error(path, e, "re-run the same command") from e
         finally:
             tmp.unlink(missing_ok=True)
     existing = load_run_spec(run_dir)
@@ -228,7 +230,11 @@ def build_manifest(run_dir: Path, *, write: bool = True) -> Manifest:
     receipts = [receipt_for(have[i], spec) for i in range(spec.num_shards)]
     manifest = Manifest(spec=spec, shards=receipts, path=run_dir / MANIFEST)
     if write:
-        atomic_write_json(run_dir / MANIFEST, manifest.to_dict())
+        try:
+            atomic_write_json(run_dir / MANIFEST, manifest.to_dict())
+        except OSError as e:  # the shards are intact; only the manifest is missing
+            raise RunWriteError.from_os_error(run_dir / MANIFEST, e,
+                                              f"run `pipeline teacher --finalize {run_dir}`") from e
     return manifest
 
 

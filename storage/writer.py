@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, commit, remove_stale_tmp, tmp_path
 from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
+from .errors import RunWriteError
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
 
 ROW_GROUP_ROWS = 256
@@ -187,7 +188,10 @@ class ShardWriter:
         self.trained_tokens += n
         self.topk_mass_sum += float(np.exp(topk_logprobs.astype(np.float64)).sum())
         if len(self._buf) >= self.row_group_rows:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as e:  # disk full, I/O error: name the shard and say what to do
+                raise self._write_error(e) from e
 
     def _flush(self) -> None:
         if not self._buf:
@@ -238,21 +242,28 @@ class ShardWriter:
         """Finish the file, write its receipt, and rename it into place. Returns the receipt."""
         if self.rows == 0:
             raise ValueError(f"{self.path.name}: refusing to write an empty shard")
-        self._flush()
         stats = {"rows": self.rows, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
                  "topk_mass_sum": self.topk_mass_sum}
-        self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats)})
-        self._writer.close()
-        self._writer = None
-        receipt = ShardReceipt(
-            name=self.path.name, index=self.index, num_shards=self.num_shards, rows=self.rows,
-            tokens=self.tokens, trained_tokens=self.trained_tokens, topk_mass_sum=self.topk_mass_sum,
-            bytes=os.path.getsize(self.tmp), sha256=sha256_file(self.tmp), fingerprint=self.fingerprint,
-        )
-        # Receipt first, then the shard: a shard under its final name always has a receipt.
-        atomic_write_json(receipt_path(self.path), receipt.to_dict())
-        commit(self.tmp, self.path)
+        try:
+            self._flush()
+            self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats)})
+            self._writer.close()
+            self._writer = None
+            receipt = ShardReceipt(
+                name=self.path.name, index=self.index, num_shards=self.num_shards, rows=self.rows,
+                tokens=self.tokens, trained_tokens=self.trained_tokens, topk_mass_sum=self.topk_mass_sum,
+                bytes=os.path.getsize(self.tmp), sha256=sha256_file(self.tmp), fingerprint=self.fingerprint,
+            )
+            # Receipt first, then the shard: a shard under its final name always has a receipt.
+            atomic_write_json(receipt_path(self.path), receipt.to_dict())
+            commit(self.tmp, self.path)
+        except OSError as e:
+            raise self._write_error(e) from e
         return receipt
+
+    def _write_error(self, e: OSError) -> RunWriteError:
+        return RunWriteError.from_os_error(
+            self.path, e, "re-run the same `pipeline teacher` command: finished shards are kept, this one is redone")
 
     def abort(self) -> None:
         if self._writer is not None:
