@@ -66,8 +66,8 @@ class TeacherConfig:
             problems.append(f"capture={self.capture!r}: choose topk, topp, sample or hybrid")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p}: must be in (0, 1]")
-        if not 1 <= self.min_k <= self.top_k:
-            problems.append(f"min_k={self.min_k}: must be in 1..top_k ({self.top_k})")
+        if self.capture == "topp" and not 1 <= self.min_k <= self.top_k:
+            problems.append(f"min_k={self.min_k}: must be in 1..top_k ({self.top_k}) (top-k is the cap of topp)")
         if not 1 <= self.draws <= 65535:
             problems.append(f"draws={self.draws}: must be in 1..65535")
         if self.capture in ("sample", "hybrid") and self.engine == "vllm":
