@@ -40,3 +40,20 @@ def big_corpus(path: Path, tiny_corpus_dir: Path, copies: int) -> Path:
     return path
 
 
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold the same rows and byte-identical shards."""
+    import numpy as np
+
+    from storage import RunReader, load_manifest
+
+    ra, rb = {r.sample_id: r for r in RunReader(a)}, {r.sample_id: r for r in RunReader(b)}
+    assert sorted(ra) == sorted(rb) and len(ra) > 0
+    for sid in ra:
+        for f in ("input_ids", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(getattr(ra[sid], f), getattr(rb[sid], f), err_msg=f"{sid} {f}")
+    ma, mb = load_manifest(a), load_manifest(b)
+    assert ma.spec.fingerprint == mb.spec.fingerprint
+    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards], "shards are byte-identical"
+    assert ma.to_dict()["totals"] == mb.to_dict()["totals"]

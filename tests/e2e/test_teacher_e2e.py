@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from e2e_helpers import big_corpus, cli, spawn
+from e2e_helpers import assert_same_run, big_corpus, cli, spawn
 from storage import Encoding, RunReader, load_manifest
 
 
@@ -69,21 +69,6 @@ def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_co
     assert assistant_tokens  # sanity: the tokenizer works
 
 
-def _rows(run):
-    return {r.sample_id: r for r in RunReader(run)}
-
-
-def _assert_same_run(a, b):
-    ra, rb = _rows(a), _rows(b)
-    assert sorted(ra) == sorted(rb)
-    for sid in ra:
-        for f in ("input_ids", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
-            np.testing.assert_array_equal(getattr(ra[sid], f), getattr(rb[sid], f), err_msg=f"{sid} {f}")
-    ma, mb = load_manifest(a), load_manifest(b)
-    assert ma.spec.fingerprint == mb.spec.fingerprint
-    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards], "shards are byte-identical"
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_corpus_dir):
     data = big_corpus(tmp_path / "big.jsonl", tiny_corpus_dir, copies=12)
@@ -112,7 +97,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny
     after = {q.name: q.stat().st_mtime_ns for q in shard_dir.glob("*.parquet")}
     assert all(after[n] == t for n, t in before.items()), "finished shards are skipped, not rewritten"
     assert not list(shard_dir.glob("*.tmp")), "no leftovers"
-    _assert_same_run(out, tmp_path / "ref")
+    assert_same_run(out, tmp_path / "ref")
 
 
 @pytest.mark.slow
@@ -132,7 +117,7 @@ def test_two_processes_split_the_work(tmp_path, tiny_model_dir, tiny_corpus_dir)
     assert p.wait(timeout=300) == 0, p.stdout.read()
     assert (out / "manifest.json").exists(), "the process that completes the run writes the manifest"
     cli("teacher", "--finalize", out)
-    _assert_same_run(out, tmp_path / "one")
+    assert_same_run(out, tmp_path / "one")
 
 
 def test_errors_are_specific(tmp_path, tiny_model_dir, tiny_corpus_dir):

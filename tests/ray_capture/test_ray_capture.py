@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray.data", reason="needs the [ray] extra: make .venv/.ray-installed")
 
-from e2e_helpers import cli, spawn  # noqa: E402
+from e2e_helpers import assert_same_run, cli, spawn  # noqa: E402
 from storage import RunReader, load_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -45,18 +45,6 @@ def _ray_teacher(*args, verbose: bool = False) -> str:
     return out
 
 
-def _assert_same_run(a, b):
-    ra, rb = {r.sample_id: r for r in RunReader(a)}, {r.sample_id: r for r in RunReader(b)}
-    assert sorted(ra) == sorted(rb) and len(ra) > 0
-    for sid in ra:
-        for f in ("input_ids", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
-            np.testing.assert_array_equal(getattr(ra[sid], f), getattr(rb[sid], f), err_msg=f"{sid} {f}")
-    ma, mb = load_manifest(a), load_manifest(b)
-    assert ma.spec.fingerprint == mb.spec.fingerprint
-    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards], "shards are byte-identical"
-    assert ma.to_dict()["totals"] == mb.to_dict()["totals"]
-
-
 def test_ray_run_equals_single_process(tmp_path, reference, tiny_model_dir, tiny_corpus_dir):
     out = tmp_path / "ray"
     log = _ray_teacher(*_args(tiny_model_dir, tiny_corpus_dir), "--out", out)
@@ -64,7 +52,7 @@ def test_ray_run_equals_single_process(tmp_path, reference, tiny_model_dir, tiny
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == \
         [f"part-{i:05d}-of-{NUM_SHARDS:05d}.parquet" for i in range(NUM_SHARDS)]
     assert not list((out / "shards").glob("*.tmp")), "no leftovers"
-    _assert_same_run(out, reference)
+    assert_same_run(out, reference)
 
 
 def test_ray_resumes_and_scores_only_missing_shards(tmp_path, reference, tiny_model_dir, tiny_corpus_dir):
@@ -82,4 +70,4 @@ def test_ray_resumes_and_scores_only_missing_shards(tmp_path, reference, tiny_mo
     assert (out / "manifest.json").exists()
     info = json.loads((out / "manifest.json").read_text())
     assert [s["index"] for s in info["shards"]] == list(range(NUM_SHARDS))
-    _assert_same_run(out, reference)
+    assert_same_run(out, reference)

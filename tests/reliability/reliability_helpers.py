@@ -104,15 +104,9 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def assert_same_run(got: Path, ref: Path) -> None:
-    """Identical rows (every column, bit for bit) and byte-identical shards (sha256 in the manifests)."""
-    a, b = RunReader(got), RunReader(ref)  # verify="checksum": every shard against its receipt
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.sample_id == rb.sample_id
-        for f in ("input_ids", "label_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
-            np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f), err_msg=f"sample {ra.sample_id} {f}")
-    ma, mb = load_manifest(got), load_manifest(ref)
-    assert ma.spec.fingerprint == mb.spec.fingerprint
-    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards], "shards are byte-identical"
-    for s in ma.shards:
+    """Identical rows and byte-identical shards, and every shard's bytes match its checksum."""
+    from e2e_helpers import assert_same_run as same_rows_and_shards
+
+    same_rows_and_shards(got, ref)
+    for s in load_manifest(got).shards:
         assert sha256(Path(got) / "shards" / s.name) == s.sha256
