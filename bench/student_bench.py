@@ -2,13 +2,14 @@
 
     . .venv/bin/activate
     python bench/student_bench.py            # full: tiny model, SmolLM2-135M 4 x 128 tokens, loss micro-bench
-                                             # at N=2048 x V=49,152 / 128,000, loader (~10 min, 2 cores)
-    python bench/student_bench.py --quick    # smoke run: tiny model, SmolLM2 2 x 64, N=256 heads, 2 repeats
+                                             # at N=2048 x V=49,152 / 128,000, loader (~7 min on an idle 2-core machine)
+    python bench/student_bench.py --quick    # smoke run: tiny model, SmolLM2 2 x 64, N=256 heads, 2 rounds (~1 min)
 
 1. Training step (forward + backward + clip + AdamW step), through the project's own
    `stage2_student.train.accumulate_gradients` on one micro-batch collated with
    `storage.torch_data.collate_labels` from a real run (captured here with `stage1_teacher.run.run`, hf
-   engine, on Shakespeare text, k=32). Same model, batch, k; fp32; variants interleaved round by round:
+   engine, bf16, on Shakespeare text, k=32; 64 sequences). Same model, batch, k; fp32 training; the variants
+   interleaved round by round (10 rounds for SmolLM2, 9 for the tiny model), medians reported:
      lambda=1    StudentConfig(kl_weight=1): fused CE + KL (`fused_ce_kl_sums`)
      lambda=0    StudentConfig(kl_weight=0): the same loop; `_loss_sums` still calls the fused function,
                  now with kl_weight=0
@@ -16,8 +17,9 @@
                  what direct fine-tuning without the distillation machinery costs
    The cost of the KL term is lambda=1 / lambda=0 (the project's own switch) and lambda=1 / plain CE
    (against fine-tuning that never builds the top-k machinery). One untimed warm-up round first (it
-   allocates the AdamW state, so memory is the steady state).
-   Memory, measured after all timing, one step per variant (see bench/common.py for both methods):
+   allocates the AdamW state, so memory is the steady state). AdamW lr 1e-7, so every step does the same
+   work. Also a load-robust estimate: 1 + (loss-alone time difference at the step's shape) / step time.
+   Memory, measured after all timing, one step per variant and method (see bench/common.py):
      alloc peak  torch CPU allocator peak above its level at the start of the step (torch.profiler
                  memory events): activations, logits, gradients (set to None between steps), loss buffers
      RSS peak    VmHWM - VmRSS over the step, with glibc set to unmap freed blocks >= 64 KiB
@@ -26,7 +28,8 @@
    (synthetic: logits ~ 2·N(0,1); the teacher's top-32 and tail from log_softmax(logits + N(0,1))),
    forward + backward of: F.cross_entropy on the logits as given; ce_sum (upcast to fp32, what HF's
    loss does); fused_ce_kl_sums with kl_weight=0 and 1 (chunk_size 1024, the StudentConfig default).
-   Also at the SmolLM2 step's own shape (its trained positions x 49,152, fp32).
+   Also at the SmolLM2 step's own shape (its trained positions x 49,152, fp32). 5 interleaved rounds.
+   A torch.profiler table (per-op minimum over 3 calls) of the fused loss vs F.cross_entropy, 2048 x 49,152 fp32.
 3. Loader: trained tokens/s of reading + collating micro-batches from the run (`RunReader`, opened
    fresh each epoch with verify="none", rows in the training order of `epoch_order`/`micro_batch_rows`,
    `collate_labels`), interleaved with the step rounds, vs the trained tokens/s the lambda=1 step
@@ -276,7 +279,7 @@ def bench_loss_shape(n: int, vocab: int, dtype, repeats: int, memory: bool = Fal
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 4 SmolLM2 steps, 9 tiny, 3 loss)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 10 SmolLM2 steps, 9 tiny, 5 loss)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args(argv)
@@ -286,9 +289,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
-    rep_big = args.repeats or (2 if q else 4)
+    rep_big = args.repeats or (2 if q else 10)
     rep_tiny = args.repeats or (3 if q else 9)
-    rep_loss = args.repeats or (2 if q else 3)
+    rep_loss = args.repeats or (2 if q else 5)
     seq_len, bs = (64, 2) if q else (128, 4)  # 127 trained positions per sequence
     head_n = 256 if q else 2048
     t_start = time.perf_counter()
@@ -361,15 +364,18 @@ def report(result: dict) -> None:
     rows = []
     for r in result["steps"]:
         pr = r["paired_ratio_time"]
-        rows.append([r["model"], f"{r['ratio_time']['lambda1_over_lambda0']:.3f} ({_range(pr['lambda1_over_lambda0'])})",
-                     f"{r['ratio_time']['lambda1_over_plain_ce']:.3f} ({_range(pr['lambda1_over_plain_ce'])})",
+        rows.append([r["model"], f"{r['ratio_time']['lambda1_over_lambda0']:.3f}; {median(pr['lambda1_over_lambda0']):.3f} "
+                                 f"({_range(pr['lambda1_over_lambda0'])})",
+                     f"{r['ratio_time']['lambda1_over_plain_ce']:.3f}; {median(pr['lambda1_over_plain_ce']):.3f} "
+                     f"({_range(pr['lambda1_over_plain_ce'])})",
                      f"{r['ratio_memory']['alloc_peak_lambda1_over_lambda0']:.3f}",
                      f"{r['ratio_memory']['alloc_peak_lambda1_over_plain_ce']:.3f}",
                      f"{r['ratio_memory']['process_peak_lambda1_over_plain_ce']:.3f}",
                      f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_lambda0']:.3f} / "
                      f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_plain_ce']:.3f}"])
     print()
-    print(table(["model", "time λ=1/λ=0 (per round)", "time λ=1/plain CE (per round)", "alloc peak λ=1/λ=0",
+    print(table(["model", "time λ=1/λ=0: of medians; median per round (range)",
+                 "time λ=1/plain CE: of medians; median per round (range)", "alloc peak λ=1/λ=0",
                  "alloc peak λ=1/plain CE", "process peak λ=1/plain CE",
                  "time from loss alone: λ=1/λ=0 / λ=1/plain CE"], rows,
                 title="### Cost of the KL term (target ≤ 1.05×)"))

@@ -23,10 +23,10 @@ engine handed to `_write_shard` also runs `forward_only` on every batch right be
 its `score` call (order alternating batch by batch). So (a) = the summed forwards, (b) = the summed
 score calls, (c) = the pass minus the forwards, all in the same time window; the per-batch ratio
 score/forward (same batch, back to back) is the figure least disturbed by load. While a forward runs
-the writer thread may encode the previous batch; (d) bounds that work (~0.1 % of a SmolLM2 forward).
+the writer thread may encode the previous batch; (d) bounds that work (< 1 % of a SmolLM2 forward).
 Medians over rounds; tokens/s counts input tokens (sequences x length) for every path, so a ratio of
 tokens/s is an inverse ratio of times. For SmolLM2 a torch.profiler table of one batch shows what
-(b) spends that (a) does not (self CPU time per op; inflated alike by load, so read it as shares).
+(b) spends that (a) does not (self CPU time per op, the minimum over 2 calls of each).
 
 vLLM (a subprocess in `.venv-vllm`, the same token ids): (e) plain prefill, `LLM.generate(max_tokens=1)`
 on each sequence without its last token (vLLM computes logits only at the last position), vs (f)
@@ -199,7 +199,7 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
     if profile:
         b0 = batches[0]
         prof_rows = op_profile({"score": lambda: engine.score(b0, k), "forward": lambda: engine.forward_only(b0)},
-                               top=16)
+                               top=16, reps=2)
 
     med = {name: median(t) for name, t in times.items()}
     out = {
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8 x 128 tokens, 2 rounds, no vLLM")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed rounds (default: SmolLM2 2, tiny 7, vLLM 2; quick 2)")
+                    help="timed rounds (default: SmolLM2 3, tiny 5, vLLM 2; quick 2)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per engine call (TeacherConfig default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
@@ -355,15 +355,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     n_seq, seq_len = (8, 128) if args.quick else (64, 256)
-    rep_big = args.repeats or 2
-    rep_tiny = args.repeats or (2 if args.quick else 7)
+    rep_big = args.repeats or (2 if args.quick else 3)
+    rep_tiny = args.repeats or (2 if args.quick else 5)
+    rep_vllm = args.repeats or 2
     dtypes = ["float32", "bfloat16"]
     t_start = time.perf_counter()
     cmd = "python bench/teacher_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     result = {"bench": "teacher_bench", "command": cmd,
               "machine": machine_info(), "settings": {"sequences": n_seq, "seq_len": seq_len, "k": args.k,
                                                       "batch_size": args.batch_size, "repeats_smollm2": rep_big,
-                                                      "repeats_tiny": rep_tiny, "repeats_vllm": rep_big,
+                                                      "repeats_tiny": rep_tiny, "repeats_vllm": rep_vllm,
                                                       "vllm_group_sequences": args.batch_size},
               "hf": [], "vllm": None}
     work = Path(tempfile.mkdtemp(prefix="teacher_bench."))
@@ -407,7 +408,7 @@ def main(argv=None) -> int:
                 ids_path = work / "ids.npy"
                 np.save(ids_path, np.stack([s.input_ids for s in corp.sequences]).astype(np.int32))
                 result["vllm"] = {"version": why, "results": bench_vllm(models[-1][1], ids_path, dtypes, args.k,
-                                                                         rep_big, args.batch_size, work)}
+                                                                         rep_vllm, args.batch_size, work)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
