@@ -115,18 +115,27 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     folder under the final name is complete; two processes racing both build, one rename wins.
     """
     gguf_path = smollm2_gguf()
-    final = cache_root(cache_dir) / SMOLLM2_DIRNAME
-    source = _smollm2_source(gguf_path)
+    return convert_gguf_once(gguf_path, cache_root(cache_dir) / SMOLLM2_DIRNAME, _smollm2_source(gguf_path))
+
+
+def convert_gguf_once(gguf_path: Path, final: Path, source: dict) -> Path:
+    """`final`: a plain fp32 Hugging Face folder converted from `gguf_path`, built once.
+
+    Built in a temporary folder beside the final one, marked with `source` and renamed into place: a
+    folder under the final name whose marker equals `source` is complete and reused; one with another
+    marker (an older conversion, an interrupted copy) is replaced; two racing processes both build and
+    one rename wins.
+    """
     if _is_done(final, source):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        log.info("converting %s into %s (once; 20-40 s)", gguf_path, final)
+        log.info("converting %s into %s (once; 20-40 s for a 135M model)", gguf_path, final)
         _convert_gguf(gguf_path, tmp)
         _chmod_like_umask(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
-        if final.exists():  # stale (older conversion or an interrupted hand copy): replace it
+        if final.exists():
             if _is_done(final, source):  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return final
@@ -174,21 +183,25 @@ def _is_done(folder: Path, source: dict) -> bool:
         return False
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    # transformers dequantises GGUF on load (needs `gguf`), but refuses to save_pretrained a model
-    # that carries a quantization_config; a fresh model built from the cleaned config takes the
-    # same weights (all keys match) and saves as a normal fp32 folder.
+def gguf_as_plain_model(gguf_path: Path, dtype=None):
+    """(model, tokenizer) from a GGUF file, as a plain transformers model that `save_pretrained` accepts.
+
+    transformers dequantises GGUF on load (needs `gguf`), but refuses to save a model that carries a
+    quantization_config; a fresh model built from the cleaned config takes the same weights (all keys
+    match) and saves as a normal folder.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src_dir, name = str(gguf_path.parent), gguf_path.name
+    dtype = dtype or torch.float32
+    src_dir, name = str(Path(gguf_path).parent), Path(gguf_path).name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # Tied embeddings may list lm_head.weight as missing; anything else is a real mismatch.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -196,7 +209,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError(f"GGUF → HF conversion: weights do not match the config "
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.generation_config = loaded.generation_config
-    del loaded
+    return model, tokenizer
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    model, tokenizer = gguf_as_plain_model(gguf_path)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

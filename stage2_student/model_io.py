@@ -34,13 +34,9 @@ def load_model(name_or_path: str, gguf_file: str | None = None, dtype: torch.dty
 
     path = resolve_model_dir(name_or_path)
     if gguf_file:
-        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
+        from stage1_teacher.assets import gguf_as_plain_model
+
+        model, _ = gguf_as_plain_model(path / gguf_file, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model

@@ -27,10 +27,9 @@ vLLM is imported lazily (inside the constructor), so this module imports without
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -104,38 +103,15 @@ def dequantise_gguf(model_dir: str | os.PathLike, gguf_file: str, cache_dir: str
     has no GGUF loader), under `<cache>/gguf-dequantised/` (see `stage1_teacher.assets.cache_root`).
     Cached by the GGUF file's resolved path, size and mtime; built in a temporary folder and renamed.
     """
-    from stage1_teacher.assets import _convert_gguf, cache_root
+    from stage1_teacher.assets import cache_root, convert_gguf_once
 
     src = Path(model_dir) / gguf_file
     if not src.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {model_dir}")
     st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root(cache_dir) / "gguf-dequantised" / f"{src.stem}-{key}"
-    done = out / "label_anneal_dequantised"
-    if done.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        logger.info("dequantising %s into %s for vLLM (once)", src, out)
-        _convert_gguf(src, tmp)
-        (tmp / done.name).write_text(str(src.resolve()) + "\n")
-        if out.exists():  # an interrupted earlier attempt, or another process that finished first
-            if done.is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not done.is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    source = {"gguf": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return convert_gguf_once(src, cache_root(cache_dir) / "gguf-dequantised" / f"{src.stem}-{key}", source)
 
 
 class VLLMEngine:
