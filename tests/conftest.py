@@ -16,6 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny_model, build_tiny_tokenizer, write_tiny_corpus  # noqa: E402
 
+# Property tests: the default run (CI, `make test`) replays the same examples every time, so a landing
+# never depends on the draw; `HYPOTHESIS_PROFILE=explore` searches 20x wider with fresh random seeds
+# and is how new counterexamples are hunted (then pinned with @example).
+import os  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=1000, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:

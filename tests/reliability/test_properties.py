@@ -69,7 +69,7 @@ def _round_trip(vocab, k, rows, derive_tail, enc, row_group_rows):
         return got
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(contents=shard_contents(), row_group_rows=st.integers(1, 4))
 def test_exact_encoding_round_trip_is_bit_exact(contents, row_group_rows):
     vocab, k, rows, derive_tail = contents
@@ -84,18 +84,23 @@ def test_exact_encoding_round_trip_is_bit_exact(contents, row_group_rows):
             tail = tail_from_topk(lp)
         np.testing.assert_array_equal(g.tail_logprob, tail)
         assert g.topk_ids.shape == g.topk_logprobs.shape == (mask.sum(), k) and g.tail_logprob.shape == (mask.sum(),)
-    # A top-k mass of exactly 1: the tail is -inf, given or derived.
-    for (_, _, _, _, lp, _), g in zip(rows, got):
-        full = (lp[:, 0] == 0.0) if len(lp) else np.zeros(0, bool)
-        assert np.all(g.tail_logprob[full] == -np.inf)
+    # A derived tail is -inf where the top k hold all the mass. (A given tail is stored as given, even a
+    # finite -1e4 beside a top-1 log-prob of 0: the bit-exact check above covers it.)
+    if derive_tail:
+        for (_, _, _, _, lp, _), g in zip(rows, got):
+            full = (lp[:, 0] == 0.0) if len(lp) else np.zeros(0, bool)
+            assert np.all(g.tail_logprob[full] == -np.inf)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(contents=shard_contents(), row_group_rows=st.integers(1, 4))
 def test_default_encoding_round_trip_within_documented_bound(contents, row_group_rows):
     vocab, k, rows, derive_tail = contents
     enc = Encoding()
     bound, floor = enc.logprob_error_bound(), enc.q8_floor()
+    # The decoded values are fp32: near the floor (|lp| ~ 21) one ulp is ~2e-6, so allow a few ulps
+    # of the floor's magnitude on top of the half-step bound.
+    slack = 8 * float(np.finfo(np.float32).eps) * abs(floor)
     got = _round_trip(vocab, k, rows, derive_tail, enc, row_group_rows)
     for (sid, inp, mask, ids, lp, tail), g in zip(rows, got):
         assert g.sample_id == sid
@@ -106,7 +111,7 @@ def test_default_encoding_round_trip_within_documented_bound(contents, row_group
             a, b = np.argsort(ids[p]), np.argsort(g.topk_ids[p])
             np.testing.assert_array_equal(g.topk_ids[p][b], ids[p][a], err_msg="the same ids")
             err = np.abs(g.topk_logprobs[p][b] - np.maximum(lp[p][a], floor))
-            assert err.max() <= bound + 1e-6, (p, err.max(), bound)
+            assert err.max() <= bound + slack, (p, err.max(), bound)
         assert np.all(np.diff(g.topk_logprobs, axis=1) <= 0), "decoded log-probs stay descending"
         assert np.all(g.topk_logprobs >= floor) and np.all(g.topk_logprobs <= 0)
         if derive_tail:
@@ -145,7 +150,7 @@ def loss_case(n, v, k, seed, extreme, logit_scale):
             torch.tensor(order), torch.tensor(lp, dtype=torch.float32), torch.tensor(tail, dtype=torch.float32))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 24), v=st.integers(2, 48), k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
        extreme=st.sampled_from(["none", "floor", "full_mass", "logits", "all"]),
        logit_scale=st.sampled_from([0.1, 3.0, 100.0]), tail=st.sampled_from(["bucket", "renorm"]),

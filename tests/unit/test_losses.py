@@ -417,7 +417,7 @@ def test_invalid_inputs_name_every_problem():
 # property test
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(0, 40),
     v=st.integers(5, 64),
