@@ -4,9 +4,8 @@
     python bench/fidelity_bench.py                # full: SmolLM2-135M fp32, 3 domains x 8 x 256 positions (~16-18 min on
                                                   # 2 cores shared with other sessions, load 5-7)
     python bench/fidelity_bench.py --quick        # 3 x 4 x 64 positions, fewer modes: a smoke run (~2 min)
-    python bench/fidelity_bench.py --train --train-steps 2 --train-modes topk-32,sample-12 --train-eval-seqs 2
-                                                  # training-outcome smoke run, ~6 min (the full --train, 20 steps x
-                                                  # 8 modes + 2 references, takes ~1.5-2 h here)
+    python bench/fidelity_bench.py --train ...    # the training-outcome comparison: bench/fidelity_train.py (its
+                                                  # arguments follow --train; ~3 h for 2 seeds, resumable)
 
 Teacher, text, student
     SmolLM2-135M-Instruct (`stage1_teacher.assets.smollm2_path()`, fp32) through the project's own
@@ -46,17 +45,10 @@ Fidelity (read back from the shards, so q8 quantisation counts)
     Per-position cosine misjudges sampled labels (unbiased but noisy per position, FINDINGS §1): weigh
     the lm_head cosine, and in the end the training outcome (--train).
 
---train (the Fidelity issue's training-outcome comparison, small scale)
-    CHAMP math train split as the fine-tuning data, seq_len 128, `--train-steps` × 4 sequences, AdamW
-    lr 3e-4 (3 warm-up steps, constant), clip 1, seed 0, the same data order for every run. Stage 1 runs
-    once per capture mode (`stage1_teacher.run.run`, hf engine, fp32), stage 2 with λ = 1 on it
-    (`stage2_student.train.run`); references: λ = 0 and the online teacher (`--teacher-online`, λ = 1).
-    Each model is evaluated (`stage2_student.evaluate.evaluate_models`) on held-out CHAMP math (target
-    NLL) and Shakespeare (retention: exact KL(base‖model) per token), then deleted. Reported: the share of
-    online's retention benefit a mode recovers, (KL_λ0 − KL_mode) / (KL_λ0 − KL_online).
+--train (the Fidelity issue's training-outcome comparison) lives in bench/fidelity_train.py.
 
 Prints a table sorted by bytes per trained token; writes bench/out/fidelity_bench.json
-(fidelity_bench_quick.json with --quick; fidelity_train.json for --train, fidelity_train_smoke.json under 20 steps).
+(fidelity_bench_quick.json with --quick).
 """
 from __future__ import annotations
 
@@ -619,119 +611,6 @@ def run_bench(args) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ --train
-
-def train_mode_settings(name: str) -> tuple[dict, dict]:
-    """(TeacherConfig fields, StudentConfig fields) of a capture mode name from all_modes()."""
-    m = next((x for x in all_modes() if x.name == name), None)
-    if m is None:
-        raise SystemExit(f"--train-modes: unknown mode {name!r}; known: {[x.name for x in all_modes()]}")
-    c = m.capture
-    t = {"capture": m.kind}
-    if m.kind == "topk":
-        t["top_k"] = m.width
-    elif m.kind == "topp":
-        t |= {"top_k": c["max_k"], "top_p": c["top_p"], "min_k": c["min_k"]}
-    elif m.kind == "sample":
-        # top_k is unused in sample mode; left at its default (TeacherConfig checks min_k <= top_k in every mode)
-        t |= {"draws": c["draws"], "seed": c["seed"]}
-    else:
-        t |= {"top_k": c["head_k"], "draws": c["draws"], "seed": c["seed"]}
-    return t, {"kl_tail": m.loss_tail}
-
-
-def run_train(args) -> dict:
-    import torch
-
-    from stage1_teacher import assets
-    from stage1_teacher.config import TeacherConfig
-    from stage1_teacher.run import run as run_teacher
-    from stage2_student.config import StudentConfig
-    from stage2_student.evaluate import evaluate_models
-    from stage2_student.train import run as run_student
-    from storage import load_manifest
-
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    machine = machine_info()
-    names = [s.strip() for s in args.train_modes.split(",") if s.strip()]
-    settings = {n: train_mode_settings(n) for n in names}
-    model = assets.smollm2_path()
-    work = Path(args.train_dir) if args.train_dir else Path(tempfile.mkdtemp(prefix="fidelity_train_"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "data"
-    files = {"train": assets.write_jsonl(assets.champ_docs(split="train"), data / "math_train.jsonl"),
-             "target": assets.write_jsonl(assets.champ_docs(split="test"), data / "math_test.jsonl"),
-             "retention": assets.write_jsonl(assets.shakespeare_docs(max_chars=400_000), data / "prose.jsonl")}
-    n_seq = args.train_steps * args.train_batch
-    student_common = dict(max_steps=args.train_steps, batch_size=args.train_batch, lr=args.train_lr, warmup_steps=3,
-                          lr_schedule="constant", max_grad_norm=1.0, seed=args.train_seed, verify="size")
-    corpora = {"target": files["target"], "retention": files["retention"]}
-
-    def teacher(name, tcfg):
-        run_dir = work / "runs" / name.replace(" ", "_")
-        if not (run_dir / "manifest.json").exists():
-            t0 = time.perf_counter()
-            s = run_teacher(TeacherConfig(model=str(model), data=str(files["train"]), out=run_dir,
-                                          seq_len=args.train_seq_len, max_samples=n_seq, num_shards=1, batch_size=8,
-                                          engine="hf", dtype="float32", device="cpu", **tcfg))
-            log(f"[train] stage 1 {name}: {s['run']['bytes_per_trained_token']:.1f} B/trained token, "
-                f"{time.perf_counter() - t0:.0f} s")
-        return run_dir
-
-    def student_and_eval(label, run_dir, **kw):
-        out_dir = work / "students" / label.replace(" ", "_")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        s = run_student(StudentConfig(run_dir=run_dir, out=out_dir, **student_common, **kw))
-        train_s = time.perf_counter() - t0
-        ev = evaluate_models({label: s["model_dir"]}, str(model), corpora, seq_len=args.train_seq_len, batch_size=8,
-                             max_sequences=args.train_eval_seqs, device="cpu", dtype="fp32")[label]["corpora"]
-        shutil.rmtree(out_dir / "model", ignore_errors=True)   # 540 MB each: keep config and metrics only
-        row = {"label": label, "target_nll": ev["target"]["nll"], "retention_nll": ev["retention"]["nll"],
-               "retention_kl": ev["retention"]["kl"], "target_kl": ev["target"]["kl"], "train_s": train_s,
-               "s_per_step": train_s / args.train_steps, "final": s["final"]}
-        log(f"[train] {label}: target NLL {row['target_nll']:.3f}, retention KL {row['retention_kl']:.4f}, "
-            f"{train_s:.0f} s")
-        return row
-
-    rows = []
-    ref_run = teacher("topk-32", train_mode_settings("topk-32")[0])
-    rows.append(student_and_eval("λ=0 (direct fine-tuning)", ref_run, kl_weight=0.0))
-    rows.append(student_and_eval("online (full-vocabulary KL)", ref_run, kl_weight=1.0, teacher_online=str(model)))
-    for name in names:
-        tcfg, scfg = settings[name]
-        run_dir = teacher(name, tcfg)
-        man = load_manifest(run_dir)
-        r = student_and_eval(name, run_dir, kl_weight=1.0, **scfg)
-        r["bytes_per_trained_token"] = man.bytes / man.trained_tokens
-        rows.append(r)
-    kl0, klon = rows[0]["retention_kl"], rows[1]["retention_kl"]
-    for r in rows:
-        r["recovered"] = (kl0 - r["retention_kl"]) / (kl0 - klon) if abs(kl0 - klon) > 1e-12 else None
-    tab = table(["method", "B/trained token", "target NLL", "retention KL(base‖model)", "retention NLL",
-                 "share of online's benefit", "train wall s (incl. loading)"],
-                [[r["label"], _f(r.get("bytes_per_trained_token"), 1), f"{r['target_nll']:.3f}",
-                  f"{r['retention_kl']:.4f}", f"{r['retention_nll']:.3f}", _f(r["recovered"], 2),
-                  f"{r['train_s']:.0f}"] for r in rows])
-    wall = time.perf_counter() - t_start
-    print("\n## Training outcome (λ=1, same lr / seed / data order)\n")
-    print(tab)
-    print(f"\n[train] wall {wall / 60:.1f} min; work dir {work}")
-    smoke = args.train_steps < 20
-    out = {"bench": "fidelity_bench --train", "smoke": smoke, "wall_s": wall, "machine": machine,
-           "settings": {"steps": args.train_steps, "batch_size": args.train_batch, "seq_len": args.train_seq_len,
-                        "lr": args.train_lr, "seed": args.train_seed, "eval_sequences": args.train_eval_seqs,
-                        "modes": names, "student": student_common},
-           "rows": rows, "table": tab}
-    dest = OUT / ("fidelity_train_smoke.json" if smoke else "fidelity_train.json")
-    write_json(dest, out)
-    log(f"[train] wrote {dest}")
-    if not args.train_dir:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 domains x 4 sequences x 64 positions, 6 modes")
@@ -742,19 +621,14 @@ def main(argv=None) -> int:
                     help="SGD step sizes of the student; the first is the main one, the others re-measure a subset "
                          "(default '0.03,0.1'; quick '0.03')")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train", action="store_true", help="the training-outcome comparison instead (slow: hours at 20 steps)")
-    ap.add_argument("--train-modes", default="topk-8,topk-32,topk-32 renorm,topp-0.99,sample-12,sample-32,hybrid-8+8,hybrid-16+16")
-    ap.add_argument("--train-steps", type=int, default=20)
-    ap.add_argument("--train-batch", type=int, default=4)
-    ap.add_argument("--train-seq-len", type=int, default=128)
-    ap.add_argument("--train-lr", type=float, default=3e-4)
-    ap.add_argument("--train-seed", type=int, default=0)
-    ap.add_argument("--train-eval-seqs", type=int, default=16)
-    ap.add_argument("--train-dir", default=None, help="keep the runs and metrics here (default: a temp dir, removed)")
+    ap.add_argument("--train", action="store_true",
+                    help="the training-outcome comparison instead: bench/fidelity_train.py with the other arguments")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train" in argv:
+        from fidelity_train import main as train_main
+
+        return train_main([a for a in argv if a != "--train"])
     args = ap.parse_args(argv)
-    if args.train:
-        run_train(args)
-        return 0
     args.seqs = args.seqs or (4 if args.quick else 8)
     args.seq_len = args.seq_len or (65 if args.quick else SEQ_LEN)
     args.student_lrs = args.student_lrs or ("0.03" if args.quick else "0.03,0.1")

@@ -10,10 +10,11 @@
    `storage.torch_data.collate_labels` from a real run (captured here with `stage1_teacher.run.run`, hf
    engine, bf16, on Shakespeare text, k=32; 64 sequences). Same model, batch, k; fp32 training; the variants
    interleaved round by round (10 rounds for SmolLM2, 9 for the tiny model), medians reported:
-     lambda=1    StudentConfig(kl_weight=1): fused CE + KL (`fused_ce_kl_sums`)
-     lambda=0    StudentConfig(kl_weight=0): the same loop; `_loss_sums` still calls the fused function,
-                 now with kl_weight=0
-     plain CE    the same loop with `_loss_sums` swapped (in this process only) for autograd `ce_sum`:
+     lambda=1    StudentConfig(kl_weight=1), the default path: the model stops at its final hidden
+                 states and the lm_head runs inside the loss (`fused_head_ce_kl_sums`, `--fused-head auto`)
+     lambda=0    StudentConfig(kl_weight=0): the same loop and function, now with kl_weight=0
+     lambda=1 logits  `--fused-head off`: full logits from the model, then `fused_ce_kl_sums`
+     plain CE    full logits and `_loss_sums` swapped (in this process only) for autograd `ce_sum`:
                  what direct fine-tuning without the distillation machinery costs
    The cost of the KL term is lambda=1 / lambda=0 (the project's own switch) and lambda=1 / plain CE
    (against fine-tuning that never builds the top-k machinery). One untimed warm-up round first (it
@@ -28,7 +29,9 @@
    (synthetic: logits ~ 2·N(0,1); the teacher's top-32 and tail from log_softmax(logits + N(0,1))),
    forward + backward of: F.cross_entropy on the logits as given; ce_sum (upcast to fp32, what HF's
    loss does); fused_ce_kl_sums with kl_weight=0 and 1 (chunk_size 1024, the StudentConfig default).
-   Also at the SmolLM2 step's own shape (its trained positions x 49,152, fp32). 5 interleaved rounds.
+   Then from hidden states (N x H=576, SmolLM2's width, fp32) through a (V, H) lm_head: nn.Linear +
+   F.cross_entropy, nn.Linear + fused_ce_kl_sums, and fused_head_ce_kl_sums with kl_weight=0 and 1 (memory
+   here includes the logits). Also at the SmolLM2 step's own shape (its trained positions). 5 interleaved rounds.
    A torch.profiler table (per-op minimum over 3 calls) of the fused loss vs F.cross_entropy, 2048 x 49,152 fp32.
 3. Loader: trained tokens/s of reading + collating micro-batches from the run (`RunReader`, opened
    fresh each epoch with verify="none", rows in the training order of `epoch_order`/`micro_batch_rows`,
@@ -111,6 +114,7 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
 
     from stage2_student.config import StudentConfig
     from stage2_student.data import epoch_order, micro_batch_rows, steps_per_epoch
+    from stage2_student.head import fused_head_for
     from stage2_student.model_io import check_student, load_model, load_tokenizer
     from stage2_student.train import accumulate_gradients
     from storage import RunReader
@@ -127,6 +131,7 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     opt = torch.optim.AdamW(params, lr=1e-7, betas=(0.9, 0.95), weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
     model.train()
+    head = fused_head_for(acc.unwrap_model(model), "on")  # what `pipeline student` uses by default
     pad = tok.pad_token_id or 0
     batch = collate_labels([reader[i] for i in range(batch_size)], pad_id=pad)
     n_trained = int(batch["label_mask"].sum())
@@ -134,9 +139,9 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     base = StudentConfig(run_dir=run_dir, out=work / "unused", batch_size=batch_size, precision="fp32", max_grad_norm=1.0)
     cfg1, cfg0 = base.replace(kl_weight=1.0), base.replace(kl_weight=0.0)
 
-    def step(cfg, plain=False):
+    def step(cfg, plain=False, fused_head=True):
         with plain_ce_loss() if plain else contextlib.nullcontext():
-            accumulate_gradients(acc, model, [batch], cfg)
+            accumulate_gradients(acc, model, [batch], cfg, head=head if fused_head and not plain else None)
         acc.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -154,14 +159,16 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
         loader_tokens[0] = n
 
     variants = {"lambda=1": lambda: step(cfg1), "lambda=0": lambda: step(cfg0),
+                "lambda=1 logits": lambda: step(cfg1, fused_head=False),
                 "plain CE": lambda: step(cfg0, plain=True), "loader epoch": loader_epoch}
     log(f"[{label}] timing {batch_size} x {batch['input_ids'].shape[1]} tokens ({n_trained} trained), "
         f"{repeats} rounds")
     times = interleaved(variants, repeats, log=log)
     med = {k: median(v) for k, v in times.items()}
 
-    # The loss alone at this step's shape (logits of the same N x V, fp32).
-    loss_at_shape = bench_loss_shape(n_trained, vocab, torch.float32, repeats=max(3, repeats))
+    # The loss alone at this step's shape (N trained positions x H -> V, fp32), from the hidden states.
+    loss_at_shape = bench_loss_shape(n_trained, vocab, torch.float32, repeats=max(3, repeats),
+                                     hidden=int(head.weight.shape[1]))
 
     # Memory: after all timing (malloc settings slow allocation down).
     malloc_ok = malloc_return_big_blocks()
@@ -169,6 +176,7 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     mem = {}
     step(cfg1)  # settle after the malloc change
     for name, fn in (("lambda=1", lambda: step(cfg1)), ("lambda=0", lambda: step(cfg0)),
+                     ("lambda=1 logits", lambda: step(cfg1, fused_head=False)),
                      ("plain CE", lambda: step(cfg0, plain=True))):
         rss0 = rss_now()
         mem[name] = {"alloc_peak_bytes": alloc_peak(fn), "rss_peak_bytes": rss_peak(fn), "rss_start_bytes": rss0}
@@ -184,10 +192,13 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
         "times": {k: summarize(v) for k, v in times.items()},
         "ratio_time": {"lambda1_over_lambda0": med["lambda=1"] / med["lambda=0"],
                        "lambda1_over_plain_ce": med["lambda=1"] / med["plain CE"],
-                       "lambda0_over_plain_ce": med["lambda=0"] / med["plain CE"]},
+                       "lambda0_over_plain_ce": med["lambda=0"] / med["plain CE"],
+                       "lambda1_logits_over_plain_ce": med["lambda=1 logits"] / med["plain CE"]},
         "paired_ratio_time": {
             "lambda1_over_lambda0": [round(x, 4) for x in paired_ratios(times["lambda=1"], times["lambda=0"])],
-            "lambda1_over_plain_ce": [round(x, 4) for x in paired_ratios(times["lambda=1"], times["plain CE"])]},
+            "lambda1_over_plain_ce": [round(x, 4) for x in paired_ratios(times["lambda=1"], times["plain CE"])],
+            "lambda1_logits_over_plain_ce": [round(x, 4) for x in paired_ratios(times["lambda=1 logits"],
+                                                                                times["plain CE"])]},
         "memory": mem, "malloc_mmap_threshold_set": malloc_ok,
         "loss_alone_at_step_shape": loss_at_shape,
         "loader": {"rows_per_epoch": len(reader) // batch_size * batch_size, "trained_tokens_per_epoch": loader_tokens[0],
@@ -199,11 +210,12 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     # A load-robust estimate: the loss-alone difference (timed back to back at this shape) over the step.
     la = {k: v["median_s"] for k, v in loss_at_shape["times"].items()}
     out["ratio_time_predicted_from_loss_alone"] = {
-        "lambda1_over_plain_ce": 1 + (la["fused kl_weight=1"] - la["CE: F.cross_entropy(logits)"]) / med["plain CE"],
-        "lambda1_over_lambda0": 1 + (la["fused kl_weight=1"] - la["fused kl_weight=0"]) / med["lambda=0"]}
-    m1, m0, mp = (mem[v]["alloc_peak_bytes"] for v in ("lambda=1", "lambda=0", "plain CE"))
+        "lambda1_over_plain_ce": 1 + (la["fused head kl_weight=1"] - la["CE: linear + F.cross_entropy"]) / med["plain CE"],
+        "lambda1_over_lambda0": 1 + (la["fused head kl_weight=1"] - la["fused head kl_weight=0"]) / med["lambda=0"]}
+    m1, m0, mp, ml = (mem[v]["alloc_peak_bytes"] for v in ("lambda=1", "lambda=0", "plain CE", "lambda=1 logits"))
     out["ratio_memory"] = {
         "alloc_peak_lambda1_over_lambda0": m1 / m0, "alloc_peak_lambda1_over_plain_ce": m1 / mp,
+        "alloc_peak_lambda1_logits_over_plain_ce": ml / mp,
         "process_peak_lambda1_over_lambda0": (mem["lambda=1"]["rss_start_bytes"] + m1) / (mem["lambda=0"]["rss_start_bytes"] + m0),
         "process_peak_lambda1_over_plain_ce": (mem["lambda=1"]["rss_start_bytes"] + m1) / (mem["plain CE"]["rss_start_bytes"] + mp),
     }
@@ -254,22 +266,51 @@ def loss_variants(z, labels, ids, lps, tail):
     return v
 
 
-def bench_loss_shape(n: int, vocab: int, dtype, repeats: int, memory: bool = False) -> dict:
+def head_variants(n: int, vocab: int, hidden: int, dtype, seed: int = 0) -> tuple[dict, int]:
+    """The loss from the final hidden states (N, H) and an lm_head (V, H), forward + backward to both:
+    the logits path (nn.Linear then a loss) against the lm_head inside the loss (`fused_head_ce_kl_sums`)."""
     import torch
+    import torch.nn.functional as F
 
-    z, labels, ids, lps, tail = synthetic_head(n, vocab, dtype)
-    variants = loss_variants(z, labels, ids, lps, tail)
+    from stage2_student.fused_head import fused_head_ce_kl_sums
+    from stage2_student.losses import fused_ce_kl_sums
+
+    _, labels, ids, lps, tail = synthetic_head(n, vocab, torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    h = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, generator=g) * (2.0 / hidden**0.5)).to(dtype).requires_grad_(True)
+
+    def run(fn):
+        def go():
+            fn().backward()
+            h.grad = w.grad = None
+        return go
+
+    v = {"CE: linear + F.cross_entropy": run(lambda: F.cross_entropy(F.linear(h, w), labels, reduction="sum")),
+         "linear + fused kl_weight=1": run(lambda: fused_ce_kl_sums(F.linear(h, w), labels, ids, lps, tail).total),
+         "fused head kl_weight=0": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=0.0).total),
+         "fused head kl_weight=1": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=1.0).total)}
+    return v, n * vocab * torch.empty(0, dtype=dtype).element_size()
+
+
+def bench_loss_shape(n: int, vocab: int, dtype, repeats: int, memory: bool = False, hidden: int | None = None) -> dict:
+    if hidden:
+        variants, logits_bytes = head_variants(n, vocab, hidden, dtype)
+        base_name, kl1, kl0 = "CE: linear + F.cross_entropy", "fused head kl_weight=1", "fused head kl_weight=0"
+    else:
+        z, labels, ids, lps, tail = synthetic_head(n, vocab, dtype)
+        variants, logits_bytes = loss_variants(z, labels, ids, lps, tail), z.numel() * z.element_size()
+        base_name, kl1, kl0 = "CE: F.cross_entropy(logits)", "fused kl_weight=1", "fused kl_weight=0"
     times = interleaved(variants, repeats)
     med = {k: median(t) for k, t in times.items()}
-    base = med["CE: F.cross_entropy(logits)"]
-    res = {"N": n, "V": vocab, "dtype": str(dtype).removeprefix("torch."), "logits_bytes": z.numel() * z.element_size(),
-           "times": {k: summarize(t) for k, t in times.items()},
-           "ratio_vs_ce": {k: m / base for k, m in med.items()},
-           "fused_kl1_over_kl0": med["fused kl_weight=1"] / med["fused kl_weight=0"]}
+    base = med[base_name]
+    res = {"N": n, "V": vocab, "H": hidden, "dtype": str(dtype).removeprefix("torch."), "logits_bytes": logits_bytes,
+           "baseline": base_name, "times": {k: summarize(t) for k, t in times.items()},
+           "ratio_vs_ce": {k: m / base for k, m in med.items()}, "fused_kl1_over_kl0": med[kl1] / med[kl0]}
     if memory:
         res["alloc_peak_bytes"] = {k: alloc_peak(fn) for k, fn in variants.items()}
         res["rss_peak_bytes"] = {k: rss_peak(fn) for k, fn in variants.items()}
-    del z, labels, ids, lps, tail, variants
+    del variants
     gc.collect()
     return res
 
@@ -325,6 +366,9 @@ def main(argv=None) -> int:
             for dtype in (torch.bfloat16, torch.float32):
                 log(f"[loss] N={head_n} V={vocab} {dtype}")
                 result["loss"].append(bench_loss_shape(head_n, vocab, dtype, rep_loss, memory=True))
+            # From the hidden states (SmolLM2's width 576): the default training path.
+            log(f"[loss] N={head_n} H=576 V={vocab} float32, lm_head included")
+            result["loss"].append(bench_loss_shape(head_n, vocab, torch.float32, rep_loss, memory=True, hidden=576))
         # Where the fused loss spends its time, next to plain CE (one call each, torch.profiler).
         z, labels, ids, lps, tail = synthetic_head(head_n, 49_152, torch.float32)
         v = loss_variants(z, labels, ids, lps, tail)
@@ -349,7 +393,7 @@ def report(result: dict) -> None:
     rows = []
     for r in result["steps"]:
         t, mem = r["times"], r["memory"]
-        for name in ("lambda=1", "lambda=0", "plain CE"):
+        for name in ("lambda=1", "lambda=0", "lambda=1 logits", "plain CE"):
             m = mem[name]
             rows.append([r["model"], f"{r['batch']['sequences']}×{r['batch']['seq_len']} ({r['batch']['trained_positions']})",
                          name, f"{t[name]['median_s'] * 1e3:,.1f}",
@@ -371,29 +415,33 @@ def report(result: dict) -> None:
                      f"{r['ratio_memory']['alloc_peak_lambda1_over_lambda0']:.3f}",
                      f"{r['ratio_memory']['alloc_peak_lambda1_over_plain_ce']:.3f}",
                      f"{r['ratio_memory']['process_peak_lambda1_over_plain_ce']:.3f}",
+                     f"{r['ratio_time']['lambda1_logits_over_plain_ce']:.3f} / "
+                     f"{r['ratio_memory']['alloc_peak_lambda1_logits_over_plain_ce']:.3f}",
                      f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_lambda0']:.3f} / "
                      f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_plain_ce']:.3f}"])
     print()
     print(table(["model", "time λ=1/λ=0: of medians; median per round (range)",
                  "time λ=1/plain CE: of medians; median per round (range)", "alloc peak λ=1/λ=0",
                  "alloc peak λ=1/plain CE", "process peak λ=1/plain CE",
+                 "logits path (fused head off) ÷ plain CE: time / alloc peak",
                  "time from loss alone: λ=1/λ=0 / λ=1/plain CE"], rows,
                 title="### Cost of the KL term (target ≤ 1.05×)"))
     rows = []
     for r in result["steps"] + [None]:
         shapes = [r["loss_alone_at_step_shape"]] if r else result["loss"]
         for x in shapes:
-            base = x["times"]["CE: F.cross_entropy(logits)"]["median_s"]
+            base = x["times"][x.get("baseline", "CE: F.cross_entropy(logits)")]["median_s"]
             for name, t in x["times"].items():
                 mem = x.get("alloc_peak_bytes", {}).get(name)
                 rss = x.get("rss_peak_bytes", {}).get(name)
-                rows.append([f"{x['N']}×{x['V']:,}", x["dtype"], name, f"{t['median_s'] * 1e3:,.1f}",
+                shape = f"{x['N']}×{x['V']:,}" + (f" (H {x['H']})" if x.get("H") else "")
+                rows.append([shape, x["dtype"], name, f"{t['median_s'] * 1e3:,.1f}",
                              f"{t['median_s'] / base:.2f}", mib(mem), mib(rss)])
     print()
-    print(table(["N×V", "logits", "loss (fwd+bwd)", "ms (median)", "÷ F.cross_entropy", "alloc peak MiB",
+    print(table(["N×V", "dtype", "loss (fwd+bwd)", "ms (median)", "÷ the CE baseline", "alloc peak MiB",
                  "RSS peak Δ MiB"], rows,
-                title="### The loss alone (first rows: the SmolLM2 step's shape; then the GPU-sized heads). "
-                      "Peaks above the logits themselves, gradient included"))
+                title="### The loss alone (first rows: the SmolLM2 step's shape, from hidden states; then the "
+                      "GPU-sized heads). Peaks above the inputs, gradients included (the logits too, with H)"))
     if result.get("loss_profile"):
         lp = result["loss_profile"]
         print()

@@ -47,6 +47,7 @@ class StudentConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in --out."})
     log_every: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every N steps."})
+    fused_head: str = field(default="auto", metadata={"help": "auto: apply the lm_head inside the loss, chunk by chunk, where that is exact (checked on the model; no (N, V) logits) | on: required | off: full logits."})
     chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the fused CE+KL (bounds memory)."})
     shuffle: bool = field(default=True, metadata={"help": "Shuffle rows each epoch (row-group blocks, then rows in a window)."})
     verify: str = field(default="checksum", metadata={"help": "Shard check before training: checksum | size | none."})
@@ -76,6 +77,8 @@ class StudentConfig:
             p.append(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.warmup_steps < 0 or self.save_every < 0 or self.lora_r < 0:
             p.append("warmup_steps, save_every and lora_r must be >= 0")
+        if self.fused_head not in ("auto", "on", "off"):
+            p.append(f"fused_head={self.fused_head!r}: choose auto, on or off")
         if self.lr_schedule not in ("cosine", "constant"):
             p.append(f"lr_schedule={self.lr_schedule!r}: choose cosine or constant")
         if self.kl_tail not in ("bucket", "renorm"):

@@ -352,7 +352,8 @@ def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(torch.logsumexp(x, dim=1, keepdim=True))
 
 
-def _fused_chunk(z_in, labels, ids, valid, topk_logprobs, tail_logprob, w_ce, w_kl, tail, tau, need_grad):
+def _fused_chunk(z_in, labels, ids, valid, topk_logprobs, tail_logprob, w_ce, w_kl, tail, tau, need_grad,
+                 owned=False):
     """CE rows (C,), KL rows (C,) and, if need_grad, d(w_ce·CE + w_kl·KL)/dz (C, V) fp32 for one chunk.
 
     Gradients (q = softmax(z/τ), P the normalised teacher categories, C = chunk rows):
@@ -362,7 +363,9 @@ def _fused_chunk(z_in, labels, ids, valid, topk_logprobs, tail_logprob, w_ce, w_
       renorm KL:     τ·[j∈S]·( q̃_j·Σ_S P̃ − P̃_j ),             q̃ = softmax over S of z_S/τ
     (the KL factor τ = τ² · 1/τ: Hinton's τ² times d(z/τ)/dz).
     """
-    z = z_in.to(torch.float32, copy=True)  # (C, V): the one fp32 copy of the chunk; modified in place below
+    # (C, V): the one fp32 copy of the chunk, modified in place below; a caller's own fp32 scratch
+    # (owned=True: the fused head's freshly computed logits) is used as it is.
+    z = z_in if owned and z_in.dtype == torch.float32 else z_in.to(torch.float32, copy=True)
     a, has_mass = _teacher_logprobs(topk_logprobs, tail_logprob, valid, tail, tau)  # (C, M)
     p = torch.where(has_mass[:, None], a.exp(), 0.0)  # (C, M)
     k = ids.shape[1]

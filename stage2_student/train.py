@@ -27,6 +27,8 @@ from storage.torch_data import collate_labels
 from . import checkpoint as ckpt
 from .config import StudentConfig
 from .data import epoch_order, micro_batch_rows, steps_per_epoch
+from .fused_head import fused_head_ce_kl_sums
+from .head import FusedHead, fused_head_for
 from .losses import ce_sum, exact_kl_sum, fused_ce_kl_sums, loss_weights, topk_jsd_sum, topk_reverse_kl_sum
 from .model_io import check_student, load_model, load_tokenizer, save_hf
 from .targets import to_targets
@@ -48,12 +50,19 @@ def lr_factor(step: int, total: int, config: StudentConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict, teacher_logits: torch.Tensor | None = None):
+def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict, teacher_logits: torch.Tensor | None = None,
+               head: FusedHead | None = None):
     """(total, ce, kl) sums over the micro-batch's trained positions; only total carries a gradient.
-    With `teacher_logits` (the online reference) the KL is the exact full-vocabulary one."""
-    z = logits[:, :-1][batch["label_mask"]]                          # (N, V)
+    With `teacher_logits` (the online reference) the KL is the exact full-vocabulary one. With `head`,
+    `logits` holds the final hidden states and the lm_head runs inside the loss."""
+    z = logits[:, :-1][batch["label_mask"]]                          # (N, V), or (N, H) with a head
     labels = batch["labels"][batch["label_mask"]]                    # (N,)
     w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
+    if head is not None:
+        return fused_head_ce_kl_sums(z, head.weight, labels, batch["topk_ids"], batch["topk_logprobs"],
+                                     batch["tail_logprob"], bias=head.bias, ce_weight=w_ce, kl_weight=w_kl,
+                                     tail=config.kl_tail, kd_temperature=config.kd_temperature,
+                                     chunk_size=config.chunk_size)
     if teacher_logits is not None:
         tau = config.kd_temperature
         t = torch.log_softmax(teacher_logits[:, :-1][batch["label_mask"]].float() / tau, -1)  # (N, V)
@@ -71,7 +80,7 @@ def _loss_sums(config: StudentConfig, logits: torch.Tensor, batch: dict, teacher
 
 
 def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig, replay: list[dict] | None = None,
-                         teacher=None):
+                         teacher=None, head: FusedHead | None = None):
     """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, replay_ce_sum,
     [global labelled positions, global replay positions]). Each micro-batch contributes sum / global count, so the accumulated
     gradient equals the gradient of the mean loss over the whole step, however positions are split.
@@ -88,18 +97,23 @@ def accumulate_gradients(acc, model, batches: list[dict], config: StudentConfig,
         b = _to(b, acc.device)
         sync = contextlib.nullcontext() if j == len(items) - 1 else acc.no_sync(model)
         with sync:
-            with acc.autocast():
+            with acc.autocast(), (head.hidden_states() if head is not None else contextlib.nullcontext()):
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             if kind == "labels":
                 t_logits = None
                 if teacher is not None:
                     with torch.no_grad(), acc.autocast():
                         t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                total_sum, ce_s, kl_s = _loss_sums(config, logits, b, t_logits)
+                with acc.autocast() if head is not None else contextlib.nullcontext():
+                    total_sum, ce_s, kl_s = _loss_sums(config, logits, b, t_logits, head)
                 sums[0] += ce_s
                 sums[1] += kl_s
             else:
-                total_sum = ce_sum(logits[:, :-1][b["label_mask"]], b["labels"][b["label_mask"]])
+                z = logits[:, :-1][b["label_mask"]]
+                if head is not None:  # replay is CE only: the (N_replay, V) logits a plain CE needs
+                    with acc.autocast():
+                        z = head.logits(z)
+                total_sum = ce_sum(z, b["labels"][b["label_mask"]])
                 sums[2] += total_sum.detach()
             acc.backward(total_sum * scale)
     return sums[0], sums[1], sums[2], counts
@@ -145,7 +159,7 @@ def _apply_lora(model, config: StudentConfig):
 
 def run(config: StudentConfig) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
     use_cuda = torch.cuda.is_available()
@@ -166,6 +180,9 @@ def run(config: StudentConfig) -> dict:
     check_student(spec, tokenizer, model, where=f"student {model_name!r}")
     if config.lora_r:
         model = _apply_lora(model, config)
+    head = fused_head_for(model, config.fused_head, fsdp=acc.distributed_type == DistributedType.FSDP,
+                          reason_off="an online teacher needs the full logits" if config.teacher_online else
+                          None if config.divergence == "forward" else f"--divergence {config.divergence} works on logits")
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     anchors = _build_anchors(config, model, params, reader, pad_id)
@@ -242,7 +259,7 @@ def run(config: StudentConfig) -> dict:
             replay_batches = [collate_plain(replay.rows(step, j, rank, world, config.grad_accum, n_replay), pad_id=pad_id)
                               for j in range(config.grad_accum)]
         ce_tot, kl_tot, rep_tot, (n_lab, n_rep) = accumulate_gradients(acc, model, batches, config, replay_batches,
-                                                                       teacher)
+                                                                       teacher, head)
         global_tokens = n_lab + n_rep
         for a in anchors:
             a.add_grad()

@@ -36,6 +36,27 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+# Where the top k hold less than 1 - _TAIL_DIRECT_MIN of the mass, the tail is log(1 - Σ p_topk) (fp64 sum
+# of fp32 log-probs: absolute error ~2.5e-7, so ~5e-6 in log space at this threshold). Above it the
+# subtraction cancels, and those rows sum the rest of the distribution instead.
+_TAIL_DIRECT_MIN = 0.05
+
+
+def _topk_and_tail(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k log-probs (C, k) descending, their ids (C, k), tail log-prob (C,)) of log-probs lp (C, V).
+
+    One top-k pass and a k-term sum per row; only peaked rows (top-k mass > 1 - _TAIL_DIRECT_MIN) pay a
+    second pass over the vocabulary. lp is modified (those rows' top-k set to -inf)."""
+    vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
+    rest = -torch.expm1(torch.logsumexp(vals.double(), dim=-1))  # (C,) 1 - Σ p_topk, fp64
+    tail = torch.log(rest.clamp(min=0.0)).float()
+    peaked = (rest < _TAIL_DIRECT_MIN).nonzero().squeeze(1)
+    if peaked.numel():
+        sub = lp[peaked].scatter_(-1, idx[peaked], float("-inf"))
+        tail[peaked] = torch.logsumexp(sub, dim=-1)
+    return vals, idx, tail
+
+
 def _inverse_cdf_draws(lp: torch.Tensor, full_lp: torch.Tensor, u: torch.Tensor):
     """One draw per uniform from the (possibly restricted, unnormalised) distribution exp(lp) (C, V):
     the first token whose cumulative mass reaches u · total. Returns ids (C, N) (-1 where the
@@ -231,15 +252,20 @@ class HFEngine:
             e = min(s + self.chunk_positions, n)
             chunk = project(flat[s:e]) if project is not None else flat[s:e]
             lp = torch.log_softmax(chunk.float(), dim=-1)  # (n, V) fp32
+            if U is None:  # fixed top-k: the fast tail
+                vals, idx, tail_out[s:e] = _topk_and_tail(lp, k)
+                ids_out[s:e] = idx.to(torch.int32)
+                lp_out[s:e] = vals
+                continue
             vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
-            full = lp.clone() if U is not None else None
-            if U is not None and not tail_only:
+            full = lp.clone()
+            if not tail_only:
                 draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
             # The tail from the rest of the distribution, not 1 - sum(top-k): exact even when the
             # top-k mass is within float rounding of 1.
             lp.scatter_(-1, idx, float("-inf"))
             tail_out[s:e] = torch.logsumexp(lp, dim=-1)
-            if U is not None and tail_only:
+            if tail_only:
                 draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
             ids_out[s:e] = idx.to(torch.int32)
             lp_out[s:e] = vals

@@ -126,3 +126,23 @@ def test_fingerprints(engine, tiny_model_dir, tiny_tokenizer_dir):
     b = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
     assert a == b  # the builders are deterministic, so the two fixtures hold the same tokenizer
     assert a["vocab_size"] == engine.vocab_size and a["eos_token_id"] == 2 and a["pad_token_id"] == 0
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0, 30.0])  # flat ... peaked rows, both sides of the threshold
+def test_fast_tail_matches_summing_the_rest_of_the_distribution(scale):
+    """`_topk_and_tail` takes log(1 - Σ p_topk) where that does not cancel and sums the rest elsewhere:
+    the same ids and log-probs as topk, and the tail of an explicit masked logsumexp to 1e-5."""
+    from stage1_teacher.engines.hf_engine import _TAIL_DIRECT_MIN, _topk_and_tail
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    lp = torch.log_softmax(torch.randn(400, 3000, generator=g) * scale, dim=-1)
+    vals, idx, tail = _topk_and_tail(lp.clone(), 16)
+    ref_vals, ref_idx = torch.topk(lp, 16, dim=-1)
+    ref_tail = torch.logsumexp(lp.scatter(-1, ref_idx, float("-inf")), dim=-1)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+    np.testing.assert_allclose(tail.numpy(), ref_tail.numpy(), atol=1e-5, rtol=0)
+    both = (ref_tail.exp() > _TAIL_DIRECT_MIN).any() and (ref_tail.exp() < _TAIL_DIRECT_MIN).any()
+    assert both or scale in (0.3, 30.0)  # the middle scales exercise both paths in one call
+    # k = V: nothing outside the top k
+    _, _, empty = _topk_and_tail(lp[:5].clone(), 3000)
+    assert torch.isneginf(empty).all()
