@@ -251,7 +251,8 @@ class HFEngine:
         for s in range(0, n, self.chunk_positions):
             e = min(s + self.chunk_positions, n)
             chunk = project(flat[s:e]) if project is not None else flat[s:e]
-            lp = torch.log_softmax(chunk.float(), dim=-1)  # (n, V) fp32
+            # (n, V) fp32; with dtype= CUDA upcasts inside the kernel (half_to_float), CPU copies first.
+            lp = torch.log_softmax(chunk, dim=-1, dtype=torch.float32)
             if U is None:  # fixed top-k: the fast tail
                 vals, idx, tail_out[s:e] = _topk_and_tail(lp, k)
                 ids_out[s:e] = idx.to(torch.int32)
