@@ -29,7 +29,7 @@ class TeacherConfig:
     data: str = field(metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."})
     out: Path = field(metadata={"help": "Run directory to create or resume."})
     top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."})
-    capture: str = field(default="topk", metadata={"help": "What to store per position: topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws). See stage1_teacher/capture_modes.py."})
+    capture: str = field(default="topk", metadata={"help": "What to store per position: topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws) | auto (sample with the hf engine, topk with vLLM, which cannot draw: the best retention per byte each engine allows, bench/RESULTS.md). See stage1_teacher/capture_modes.py."})
     top_p: float = field(default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."})
     min_k: int = field(default=4, metadata={"help": "topp: at least this many entries per position."})
     draws: int = field(default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."})
@@ -62,8 +62,8 @@ class TeacherConfig:
         problems = []
         if self.top_k < 1:
             problems.append(f"top_k={self.top_k}: must be >= 1")
-        if self.capture not in ("topk", "topp", "sample", "hybrid"):
-            problems.append(f"capture={self.capture!r}: choose topk, topp, sample or hybrid")
+        if self.capture not in ("auto", "topk", "topp", "sample", "hybrid"):
+            problems.append(f"capture={self.capture!r}: choose auto, topk, topp, sample or hybrid")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p}: must be in (0, 1]")
         if self.capture == "topp" and not 1 <= self.min_k <= self.top_k:
@@ -99,6 +99,13 @@ class TeacherConfig:
             problems.append(f"encoding={self.encoding!r}: {e}")
         if problems:
             raise ValueError("invalid teacher config:\n  " + "\n  ".join(problems))
+
+    def resolved_capture(self, engine: str) -> str:
+        """The capture mode for a resolved engine name: `auto` becomes sample where the engine can draw
+        from the full distribution (hf) and topk where it cannot (vllm returns only the top log-probs)."""
+        if self.capture != "auto":
+            return self.capture
+        return "sample" if engine == "hf" else "topk"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -96,11 +96,14 @@ def prepare(config: TeacherConfig):
     model_dir = resolve_model_dir(config.model)
     identity = teacher_identity(model_dir, name_or_path=config.model, gguf_file=config.gguf_file)
     engine, device, dtype = _resolve_engine_and_dtype(config)
+    mode = config.resolved_capture(engine)
+    if mode != config.capture:
+        log.info("--capture auto: %s with the %s engine", mode, engine)
     vocab_size, max_pos = _model_limits(model_dir, config.gguf_file)
     problems = []
     if config.top_k > vocab_size:
         problems.append(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size})")
-    elif config.capture == "hybrid" and config.top_k + config.draws > vocab_size:
+    elif mode == "hybrid" and config.top_k + config.draws > vocab_size:
         problems.append(f"--top-k {config.top_k} + --draws {config.draws} exceed the teacher's vocabulary ({vocab_size})")
     if max_pos is not None and config.seq_len > max_pos:
         problems.append(f"--seq-len {config.seq_len} exceeds the teacher's context ({max_pos} positions)")
@@ -114,16 +117,16 @@ def prepare(config: TeacherConfig):
     if config.num_shards > n:
         raise ValueError(f"--num-shards {config.num_shards} exceeds the {n} sequences of {config.data}: "
                          f"every shard needs at least one sequence; use --num-shards <= {n}")
-    if config.capture in ("sample", "hybrid") and engine != "hf":
-        raise ValueError(f"--capture {config.capture} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
-    width = stored_width(config.capture, config.top_k, config.draws)
-    capture = {"mode": config.capture, "engine": engine, "dtype": dtype}
-    if config.capture == "topp":
+    if mode in ("sample", "hybrid") and engine != "hf":
+        raise ValueError(f"--capture {mode} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
+    width = stored_width(mode, config.top_k, config.draws)
+    capture = {"mode": mode, "engine": engine, "dtype": dtype}
+    if mode == "topp":
         capture |= {"top_p": config.top_p, "min_k": config.min_k, "max_k": config.top_k}
-    elif config.capture in ("sample", "hybrid"):
-        capture |= {"draws": config.draws, "seed": config.seed, "head_k": config.top_k if config.capture == "hybrid" else 0}
+    elif mode in ("sample", "hybrid"):
+        capture |= {"draws": config.draws, "seed": config.seed, "head_k": config.top_k if mode == "hybrid" else 0}
     encoding = Encoding.parse(config.encoding)
-    if config.capture in ("sample", "hybrid") and encoding.ids == "delta":
+    if mode in ("sample", "hybrid") and encoding.ids == "delta":
         raise ValueError("--capture sample/hybrid stores draw counts in entry order: use ids=plain in --encoding")
     spec = RunSpec(
         teacher={**identity, "dtype": dtype},

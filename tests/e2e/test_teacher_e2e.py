@@ -170,12 +170,15 @@ def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
 
 @pytest.mark.parametrize("mode, extra", [("topp", ["--top-k", 32, "--top-p", 0.5, "--min-k", 2]),
                                          ("sample", ["--draws", 16]),
-                                         ("hybrid", ["--top-k", 4, "--draws", 8])])
+                                         ("hybrid", ["--top-k", 4, "--draws", 8]),
+                                         ("auto", ["--draws", 16, "--engine", "hf"])])
 def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mode, extra):
     out = tmp_path / mode
     cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
         "--seq-len", 32, "--capture", mode, *extra)
     reader = RunReader(out)
+    # auto with the hf engine: the sampled labels (the manifest records the resolved mode, not "auto")
+    mode = "sample" if mode == "auto" else mode
     assert reader.spec.capture["mode"] == mode
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     row = reader[0]

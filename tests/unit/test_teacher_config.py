@@ -23,3 +23,13 @@ def test_invalid_scale_out_options_say_what_to_do(kw, message):
     with pytest.raises(ValueError) as e:
         TeacherConfig(**BASE, **kw)
     assert message in str(e.value)
+
+
+def test_capture_auto_resolves_by_what_the_engine_can_do():
+    c = TeacherConfig(**BASE, capture="auto")
+    assert c.resolved_capture("hf") == "sample"  # the hf engine sees the full distribution and can draw
+    assert c.resolved_capture("vllm") == "topk"  # vLLM returns only the top log-probs
+    for mode in ("topk", "topp", "sample", "hybrid"):
+        assert TeacherConfig(**BASE, capture=mode).resolved_capture("vllm" if mode in ("topk", "topp") else "hf") == mode
+    with pytest.raises(ValueError, match="choose auto, topk, topp, sample or hybrid"):
+        TeacherConfig(**BASE, capture="best")
