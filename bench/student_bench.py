@@ -78,7 +78,7 @@ def capture(model_dir: Path, corpus: Path, out: Path, *, seq_len: int, n_seq: in
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.run import run
 
-    cfg = TeacherConfig(model=str(model_dir), data=str(corpus), out=out, top_k=K, seq_len=seq_len, engine="hf",
+    cfg = TeacherConfig(capture="topk", model=str(model_dir), data=str(corpus), out=out, top_k=K, seq_len=seq_len, engine="hf",
                         dtype=dtype, device="cpu", max_samples=n_seq, num_shards=1)
     s = run(cfg)
     return {"run_dir": str(out), "sequences": s["sequences"], "trained_tokens": s["trained_tokens"],

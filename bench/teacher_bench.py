@@ -124,7 +124,7 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
     from storage import Encoding, ShardWriter, shard_path
 
     log(f"[{model_label} {dtype}] preparing {n_seq} x {seq_len} tokens")
-    cfg = TeacherConfig(model=str(model_dir), data=str(corpus), out=work / f"run-{model_label}-{dtype}", top_k=k,
+    cfg = TeacherConfig(capture="topk", model=str(model_dir), data=str(corpus), out=work / f"run-{model_label}-{dtype}", top_k=k,
                         seq_len=seq_len, engine="hf", dtype=dtype, device="cpu", batch_size=batch_size,
                         max_samples=n_seq, num_shards=1)
     t0 = time.perf_counter()
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
                 from stage1_teacher.config import TeacherConfig
                 from stage1_teacher.run import prepare
 
-                cfg = TeacherConfig(model=str(models[-1][1]), data=str(corpus), out=work / "ids", top_k=args.k,
+                cfg = TeacherConfig(capture="topk", model=str(models[-1][1]), data=str(corpus), out=work / "ids", top_k=args.k,
                                     seq_len=seq_len, engine="hf", dtype="float32", device="cpu", max_samples=n_seq)
                 _, corp, _, _ = prepare(cfg)
                 ids_path = work / "ids.npy"

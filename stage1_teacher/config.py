@@ -29,7 +29,7 @@ class TeacherConfig:
     data: str = field(metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."})
     out: Path = field(metadata={"help": "Run directory to create or resume."})
     top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."})
-    capture: str = field(default="topk", metadata={"help": "What to store per position: topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws) | auto (sample with the hf engine, topk with vLLM, which cannot draw: the best retention per byte each engine allows, bench/RESULTS.md). See stage1_teacher/capture_modes.py."})
+    capture: str = field(default="auto", metadata={"help": "What to store per position: auto (default: sample with the hf engine, topk with vLLM, which cannot draw; the best retention per byte each engine allows, bench/RESULTS.md) | topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws). See stage1_teacher/capture_modes.py."})
     top_p: float = field(default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."})
     min_k: int = field(default=4, metadata={"help": "topp: at least this many entries per position."})
     draws: int = field(default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."})

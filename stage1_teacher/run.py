@@ -283,7 +283,7 @@ def run(config: TeacherConfig) -> dict:
                "tokens_per_s": scored_tokens / elapsed if elapsed else None,
                "bytes": sum(r.bytes for r in receipts),
                "bytes_per_trained_token": sum(r.bytes for r in receipts) / max(scored_tokens, 1) if receipts else None,
-               "wall_s": time.perf_counter() - t0, "finalized": False}
+               "wall_s": time.perf_counter() - t0, "finalized": False, "capture": spec.capture}
     return finish(config.out, spec, summary)
 
 
@@ -292,5 +292,8 @@ def summary_line(s: dict) -> str:
     b = (s.get("run") or s).get("bytes_per_trained_token")
     bpt = f"{b:.1f} B/trained token" if b else "-"
     state = "finalized" if s.get("finalized") else f"waiting for shards {s.get('missing_shards', [])[:8]}"
+    cap = s.get("capture") or {}
+    mode = cap.get("mode", "")
+    mode = f"{mode} ({cap['draws']} draws)" if mode == "sample" else mode
     return (f"teacher: {s['sequences']:,} sequences, {s['trained_tokens']:,} trained tokens, {rate}, {bpt}, "
-            f"{state} -> {s['run_dir']}")
+            + (f"capture {mode}, " if mode else "") + f"{state} -> {s['run_dir']}")

@@ -70,8 +70,9 @@ def run(out: Path = Path("demo_out"), full: bool = False, seed: int = 0) -> dict
     print(f"[demo] 2/4 data: CHAMP math (train/test split by problem), Shakespeare{' + HumanEval' if full else ''}")
     files = prepare_data(out, s)
     n_seq = s.steps * s.batch_size
-    print(f"[demo] 3/4 stage 1: teacher top-32 on {n_seq} math sequences of {s.seq_len} tokens")
-    summary = run_teacher(TeacherConfig(model=str(model), data=str(files["train"]), out=out / "run", top_k=32,
+    print(f"[demo] 3/4 stage 1: teacher labels (the default --capture auto) on {n_seq} math sequences of "
+          f"{s.seq_len} tokens")
+    summary = run_teacher(TeacherConfig(model=str(model), data=str(files["train"]), out=out / "run",
                                         seq_len=s.seq_len, max_samples=n_seq, num_shards=2, batch_size=8))
     print(summary_line(summary))
     print(f"[demo] 4/4 stage 2: λ ∈ {{{s.kl_weights}}} at lr {s.lrs}, {s.steps} steps × {s.batch_size} × {s.seq_len} "

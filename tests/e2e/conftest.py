@@ -14,5 +14,5 @@ def tiny_run(tmp_path_factory, tiny_model_dir, tiny_corpus_dir) -> Path:
     so stage-2 tests can compare against exact KLs."""
     out = tmp_path_factory.mktemp("runs") / "full"
     cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
-        "--top-k", 384, "--seq-len", 32, "--num-shards", 2, "--encoding", "exact")
+        "--capture", "topk", "--top-k", 384, "--seq-len", 32, "--num-shards", 2, "--encoding", "exact")
     return out

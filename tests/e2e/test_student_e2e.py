@@ -43,7 +43,7 @@ def test_kl_weight_keeps_student_near_teacher(tmp_path, tiny_run, tiny_model_dir
     # Held-out text: the chat corpus, never trained on.
     held = tmp_path / "held"
     cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--messages-field", "messages",
-        "--train-on-prompt", "--out", held, "--top-k", 4, "--seq-len", 32)
+        "--train-on-prompt", "--out", held, "--capture", "topk", "--top-k", 4, "--seq-len", 32)
     common = ["--run-dir", tiny_run, "--max-steps", 30, "--batch-size", 8, "--lr", 3e-3, "--lr-schedule", "constant",
               "--verify", "size"]
     cli("student", *common, "--out", tmp_path / "lam0", "--kl-weight", 0)

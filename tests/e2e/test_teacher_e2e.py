@@ -28,7 +28,7 @@ def reference_topk(model, input_ids: np.ndarray, k: int):
 def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny_corpus_dir, encoding):
     out = tmp_path / "run"
     res = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
-              "--top-k", 16, "--seq-len", 48, "--num-shards", 3, "--batch-size", 5, "--encoding", encoding)
+              "--capture", "topk", "--top-k", 16, "--seq-len", 48, "--num-shards", 3, "--batch-size", 5, "--encoding", encoding)
     assert "finalized" in res.output and "B/trained token" in res.output
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     bound = Encoding.parse(encoding).logprob_error_bound()
@@ -53,7 +53,7 @@ def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny
 def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_corpus_dir):
     out = tmp_path / "chat"
     cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--out", out,
-        "--messages-field", "messages", "--top-k", 8, "--seq-len", 64, "--encoding", "exact")
+        "--messages-field", "messages", "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--encoding", "exact")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     rows = list(RunReader(out))
@@ -72,7 +72,7 @@ def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_co
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_corpus_dir):
     data = big_corpus(tmp_path / "big.jsonl", tiny_corpus_dir, copies=12)
-    args = ["--model", tiny_model_dir, "--data", data, "--top-k", 8, "--seq-len", 64, "--num-shards", 8,
+    args = ["--model", tiny_model_dir, "--data", data, "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--num-shards", 8,
             "--batch-size", 1, "--encoding", "exact"]
     cli("teacher", *args, "--out", tmp_path / "ref")
 
@@ -102,7 +102,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny
 
 @pytest.mark.slow
 def test_two_processes_split_the_work(tmp_path, tiny_model_dir, tiny_corpus_dir):
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 8, "--seq-len", 32,
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
             "--num-shards", 3]
     cli("teacher", *args, "--out", tmp_path / "one")
     out = tmp_path / "many"
@@ -121,7 +121,7 @@ def test_two_processes_split_the_work(tmp_path, tiny_model_dir, tiny_corpus_dir)
 
 
 def test_errors_are_specific(tmp_path, tiny_model_dir, tiny_corpus_dir):
-    base = ["teacher", "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32]
+    base = ["teacher", "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32]
     r = cli(*base, "--model", tmp_path / "nope", "--out", tmp_path / "a", expect_ok=False)
     assert r.exit_code != 0 and "nope" in r.output and "no such directory" in r.output
     r = cli("teacher", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "b",
@@ -145,7 +145,7 @@ def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_co
     from tiny_models import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
-    args = ["--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32, "--out", tmp_path / "run"]
+    args = ["--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32, "--out", tmp_path / "run"]
     cli("teacher", "--model", tiny_model_dir, *args)
     r = cli("teacher", "--model", other, *args, expect_ok=False)
     assert r.exit_code != 0 and "different settings" in r.output and "teacher.weights_sha256" in r.output
@@ -156,7 +156,7 @@ def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_co
 def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'model = "{tiny_model_dir}"\ndata = "{tiny_corpus_dir / "text.jsonl"}"\n'
-                   f'top-k = 4\nseq_len = 32\nout = "{tmp_path / "run"}"\n')
+                   f'capture = "topk"\ntop-k = 4\nseq_len = 32\nout = "{tmp_path / "run"}"\n')
     cli("teacher", "--config", cfg, "--top-k", 6)  # the flag wins over the file
     info = json.loads(cli("inspect", tmp_path / "run", "--json").output)
     assert info["k"] == 6 and info["rows"] > 0 and info["trained_tokens"] > 0

@@ -23,7 +23,7 @@ NUM_SHARDS = 4
 
 
 def _args(tiny_model_dir, tiny_corpus_dir):
-    return ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 8, "--seq-len", 32,
+    return ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
             "--num-shards", NUM_SHARDS, "--batch-size", 3, "--encoding", "exact", "--engine", "hf"]
 
 

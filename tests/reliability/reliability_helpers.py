@@ -35,7 +35,7 @@ _LAUNCH = ("import sys; from storage.writer import ShardWriter; "
 
 def teacher_args(model_dir: Path, data: Path) -> list:
     """`pipeline teacher` options (without --out) of the run that fault injection interrupts."""
-    return ["--model", model_dir, "--data", data, "--top-k", 8, "--seq-len", 64, "--num-shards", TEACHER_SHARDS,
+    return ["--model", model_dir, "--data", data, "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--num-shards", TEACHER_SHARDS,
             "--batch-size", 1]
 
 

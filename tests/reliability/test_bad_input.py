@@ -27,7 +27,7 @@ def _small_run(root, tiny_model_dir, tiny_corpus_dir):
     """A finished run (k=4, seq 32, 2 shards) of a private copy of the tiny model: (run, model, args)."""
     model = root / "model"
     shutil.copytree(tiny_model_dir, model)
-    args = ["--model", model, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32,
+    args = ["--model", model, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
             "--num-shards", 2, "--out", root / "run"]
     cli("teacher", *args)
     return root / "run", model, args
@@ -133,7 +133,7 @@ def test_invalid_text_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplo
         rows.insert(i, bad_rows[i])
     data = _write_jsonl(tmp_path / "mixed.jsonl", rows)
     clean = _write_jsonl(tmp_path / "clean.jsonl", [{"text": t} for t in good])
-    common = ["--model", tiny_model_dir, "--top-k", 4, "--seq-len", 32]
+    common = ["--model", tiny_model_dir, "--capture", "topk", "--top-k", 4, "--seq-len", 32]
     with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
         cli("teacher", *common, "--data", data, "--out", tmp_path / "mixed")
     msg = " ".join(r.getMessage() for r in caplog.records if r.name == "stage1_teacher.corpus")
@@ -150,7 +150,7 @@ def test_invalid_chat_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplo
             {"messages": [{"role": 3, "content": "x"}]}, {"messages": None}, {"messages": ok}]
     data = _write_jsonl(tmp_path / "chat.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
-        cli("teacher", "--model", tiny_model_dir, "--data", data, "--messages-field", "messages", "--top-k", 4,
+        cli("teacher", "--model", tiny_model_dir, "--data", data, "--messages-field", "messages", "--capture", "topk", "--top-k", 4,
             "--seq-len", 32, "--out", tmp_path / "run")
     msg = " ".join(r.getMessage() for r in caplog.records if r.name == "stage1_teacher.corpus")
     assert "skipped 6 malformed conversations" in msg and "(rows 1, 2, 4, 5, 6, ...)" in msg, msg
@@ -165,7 +165,7 @@ def test_corpus_with_nothing_valid_is_an_error(tmp_path, tiny_model_dir, field, 
     data = _write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "run"
     extra = ["--messages-field", "messages"] if field == "messages" else []
-    r = cli("teacher", "--model", tiny_model_dir, "--data", data, *extra, "--top-k", 4, "--seq-len", 32, "--out", out,
+    r = cli("teacher", "--model", tiny_model_dir, "--data", data, *extra, "--capture", "topk", "--top-k", 4, "--seq-len", 32, "--out", out,
             expect_ok=False)
     assert r.exit_code != 0, r.output
     assert "bad.jsonl" in r.output and "no trainable position" in r.output
@@ -201,7 +201,7 @@ def _poisoned_score(monkeypatch, target: int, kind: str):
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, tiny_model_dir, tiny_corpus_dir):
     """(args without --out, run dir): an uninterrupted run, one sequence per engine call."""
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32,
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
             "--num-shards", 2, "--batch-size", 1, "--encoding", "exact"]
     ref = tmp_path_factory.mktemp("scored") / "ref"
     cli("teacher", *args, "--out", ref)
@@ -230,7 +230,7 @@ def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(tmp_path
                                                                         tiny_corpus_dir):
     """The writer thread fails on a row while the engine has already queued the shard's last batches: the
     run must stop with the error, not wait forever for a writer that is gone."""
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 4, "--seq-len", 32,
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
             "--batch-size", 1, "--encoding", "exact", "--max-samples", 12]
     target = 12 - 5  # the queue holds 4 batches: when this one fails, the last 4 wait behind it
     _poisoned_score(monkeypatch, target, "nan")

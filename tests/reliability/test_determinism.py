@@ -13,7 +13,7 @@ from storage import RunReader, load_run_spec
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("bfloat16", 0.1)])
 def test_batch_composition_changes_values_only_by_rounding(tmp_path, tiny_model_dir, tiny_corpus_dir, dtype, atol):
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--top-k", 8, "--seq-len", 32,
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
             "--no-pack", "--max-samples", 12, "--encoding", "exact", "--dtype", dtype]
     runs = {}
     for b in (1, 5):  # one sequence per call vs padded batches of unequal lengths
