@@ -275,6 +275,7 @@ def plot(summary: list[dict], dest: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log("[train] matplotlib not installed (pip install -e '.[plot]'): no plot")
         return
@@ -295,6 +296,9 @@ def plot(summary: list[dict], dest: Path) -> None:
     ax.axvline(TARGET_BYTES, color="tab:red", lw=0.8, ls="--")
     ax.axhline(0.0, color="gray", lw=0.8, label="direct fine-tuning (λ=0)")
     ax.set_xscale("log")
+    ticks = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("bytes per trained token (log scale)")
     ax.set_ylabel("share of online's retention benefit\n(prose + code KL; mean, min–max over seeds)")
     ax.set_title("Offline capture modes vs online label annealing (SmolLM2-135M, math fine-tune, λ=1)", fontsize=9)
