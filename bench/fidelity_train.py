@@ -234,13 +234,11 @@ def report(rows: list[dict], settings: dict, wall: float | None, smoke: bool) ->
     online_step = next((s["step_s"] for s in summary if s["label"] == ONLINE), None)
     plain_step = next((s["step_s"] for s in summary if s["label"] == LAMBDA0), None)
     hdr = ["method", "B/trained token", "target NLL", "Δ target vs online (per seed)", "KL prose", "KL code",
-           "recovered: prose", "recovered: code", "recovered: both", "s/step*", "step ÷ λ=0*"]
+           "recovered: prose", "recovered: code", "recovered: both"]
     tab = table(hdr, [[s["label"], "—" if s["bytes_per_trained_token"] is None else f"{s['bytes_per_trained_token']:.1f}",
                        f"{s['target_nll']:.3f}", " ".join(f"{d:+.3f}" for d in s["target_nll_minus_online"]) or "—",
                        f"{s['prose_kl']:.4f}", f"{s['code_kl']:.4f}", _range(s["recovered"]["prose"]),
-                       _range(s["recovered"]["code"]), _range(s["recovered"]["both"]),
-                       "—" if s["step_s"] is None else f"{s['step_s']:.2f}",
-                       "—" if not (s["step_s"] and plain_step) else f"{s['step_s'] / plain_step:.2f}"]
+                       _range(s["recovered"]["code"]), _range(s["recovered"]["both"])]
                       for s in sorted(summary, key=lambda s: (s["bytes_per_trained_token"] or 0, s["label"]))])
     print(f"\n## Training outcome (λ=1; seeds {sorted({r['seed'] for r in rows})}; mean [min, max] over seeds)\n")
     print(tab)
@@ -254,10 +252,9 @@ def report(rows: list[dict], settings: dict, wall: float | None, smoke: bool) ->
                    f"({b['bytes_per_trained_token']:.1f} B, recovers {share:.0%} of online's retention benefit; "
                    f"target {'met' if share >= TARGET_SHARE else 'missed'}: >= {TARGET_SHARE:.0%})")
         print("\n" + verdict)
-    print("* median wall time of a training step, as this long bench ran: indicative only where other work shared "
-          "the machine; the controlled step-cost ratios are bench/student_bench.py's")
-    if online_step and plain_step:
-        print(f"online teacher step time ÷ λ=0 step time: {online_step / plain_step:.2f}*")
+    if online_step and plain_step:  # wall time as the bench ran: indicative only on a shared machine
+        print(f"online teacher step time ÷ λ=0 step time (median wall time; indicative only where other work "
+              f"shared the machine, the controlled ratios are bench/student_bench.py's): {online_step / plain_step:.2f}")
     out = {"bench": "fidelity_train", "smoke": smoke, "wall_s": wall, "settings": settings,
            "machine": rows[-1]["machine"] if rows else machine_info(), "summary": summary, "rows": rows,
            "verdict": verdict, "table": tab}
