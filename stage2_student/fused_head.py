@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import FusedLossSums, _check_inputs, _fused_chunk, _valid_and_safe_ids
+from .losses import FusedLossSums, _check_inputs, _fused_chunk, _valid_and_safe_ids, _weighted_sums
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -80,10 +80,7 @@ class _FusedHeadCEKL(torch.autograd.Function):
                     del g
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                      None if grad_b is None else grad_b.to(bias.dtype))
-        ce_total, kl_total = ce_total.float(), kl_total.float()
-        total = (w_ce * ce_total.double() + w_kl * kl_total.double()).float()
-        ctx.mark_non_differentiable(ce_total, kl_total)
-        return total, ce_total, kl_total
+        return _weighted_sums(ctx, ce_total, kl_total, w_ce, w_kl)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kl):

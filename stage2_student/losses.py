@@ -432,6 +432,14 @@ def _fused_chunk(z_in, labels, ids, valid, topk_logprobs, tail_logprob, w_ce, w_
     return ce_rows, torch.where(has_mass, kl_rows, 0.0) * tau**2, grad
 
 
+def _weighted_sums(ctx, ce_total, kl_total, w_ce, w_kl):
+    """(total, ce, kl) fp32 scalars from fp64 running sums; only total is differentiable."""
+    ce_total, kl_total = ce_total.float(), kl_total.float()
+    total = (w_ce * ce_total.double() + w_kl * kl_total.double()).float()
+    ctx.mark_non_differentiable(ce_total, kl_total)
+    return total, ce_total, kl_total
+
+
 class _FusedCEKL(torch.autograd.Function):
     """Forward computes the values and the analytic gradient chunk by chunk; backward only scales it."""
 
@@ -456,10 +464,7 @@ class _FusedCEKL(torch.autograd.Function):
             if need_grad:
                 grad[sl].copy_(g)
         ctx.stored_grad = grad
-        ce_total, kl_total = ce_total.float(), kl_total.float()
-        total = (w_ce * ce_total.double() + w_kl * kl_total.double()).float()
-        ctx.mark_non_differentiable(ce_total, kl_total)
-        return total, ce_total, kl_total
+        return _weighted_sums(ctx, ce_total, kl_total, w_ce, w_kl)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kl):
