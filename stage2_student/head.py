@@ -3,8 +3,8 @@
 The model's own forward is used unchanged, except that its output-embedding module returns its input:
 `model(...).logits` is then the (B, T, H) final hidden states. That holds only where the logits are
 exactly `lm_head(h)`: models that scale or soft-cap them afterwards (Gemma 2's final_logit_softcapping,
-Cohere's logit_scale, Granite's logits_scaling), LoRA on the lm_head, or FSDP (which shards the matrix
-outside the module's forward) need the logits path. `fused_head_for` decides, and checks the
+Cohere's logit_scale, Granite's logits_scaling), LoRA on the lm_head, or FSDP / DeepSpeed ZeRO (which
+shard the matrix outside the module's forward) need the logits path. `fused_head_for` decides, and checks the
 equivalence once on the real model before training starts rather than trusting a list of names.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _identity(x):
 
 def _why_not(model: torch.nn.Module, *, fsdp: bool) -> tuple[str | None, torch.nn.Module | None]:
     if fsdp:
-        return "FSDP shards the lm_head outside its forward", None
+        return "FSDP / DeepSpeed shard the lm_head outside its forward", None
     cfg = getattr(model, "config", None)
     for name in _SCALED_LOGITS:
         v = getattr(cfg, name, None)

@@ -180,7 +180,8 @@ def run(config: StudentConfig) -> dict:
     check_student(spec, tokenizer, model, where=f"student {model_name!r}")
     if config.lora_r:
         model = _apply_lora(model, config)
-    head = fused_head_for(model, config.fused_head, fsdp=acc.distributed_type == DistributedType.FSDP,
+    head = fused_head_for(model, config.fused_head,
+                          fsdp=acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED),
                           reason_off="an online teacher needs the full logits" if config.teacher_online else
                           None if config.divergence == "forward" else f"--divergence {config.divergence} works on logits")
     params = [p for p in model.parameters() if p.requires_grad]
