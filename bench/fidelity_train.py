@@ -332,7 +332,14 @@ def main(argv=None) -> int:
         rows = load_rows(Path(args.work) / "rows.jsonl", fingerprint(settings))
         if not rows:
             raise SystemExit(f"--report: no rows for these settings in {args.work}/rows.jsonl")
-        wall = None
+        wall = None  # keep the wall time of the run that produced the rows, if its JSON is there
+        prev = OUT / ("fidelity_train_smoke.json" if args.steps < 20 else "fidelity_train.json")
+        if prev.exists():
+            try:
+                old = json.loads(prev.read_text())
+                wall = old.get("wall_s") if old.get("settings") == settings else None
+            except json.JSONDecodeError:
+                pass
     else:
         rows = run_all(args)
         wall = time.perf_counter() - t0
