@@ -7,6 +7,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_losses import NEG_INF, make_case, reference_total
 
 from stage2_student.fused_head import fused_head_ce_kl_sums
@@ -151,3 +153,33 @@ def test_head_refused_for_a_lora_wrapped_lm_head(tiny_model_dir):
     # LoRA elsewhere, plain head: usable.
     model = peft.get_peft_model(_tiny(tiny_model_dir), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert fused_head_for(model, "on") is not None
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 60), v=st.integers(5, 80), hdim=st.integers(1, 24), k_frac=st.floats(0.0, 1.0),
+       pad_prob=st.sampled_from([0.0, 0.3, 0.9]), seed=st.integers(0, 2**31 - 1),
+       tail=st.sampled_from(["bucket", "renorm"]), tau=st.sampled_from([1.0, 0.5, 3.0]),
+       chunk_size=st.integers(1, 70), lam=st.floats(0.0, 2.0), bias=st.booleans())
+def test_property_fused_head_equals_the_logits_path(n, v, hdim, k_frac, pad_prob, seed, tail, tau, chunk_size, lam,
+                                                    bias):
+    """Any shape, k, padding, chunking: the same sums and gradients (h, W, b) as the fused loss on h Wᵀ + b."""
+    k = max(1, min(v, round(k_frac * v)))
+    c = _case(n=n, v=v, k=k, h=hdim, seed=seed, pad_prob=pad_prob, bias=bias)
+    outs, grads = [], []
+    for fused in (False, True):
+        h, w, b = _leaves(c)
+        if fused:
+            out = fused_head_ce_kl_sums(h, w, c["labels"], c["ids"], c["lp"], c["tail"], bias=b, kl_weight=lam,
+                                        tail=tail, kd_temperature=tau, chunk_size=chunk_size)
+        else:
+            z = h @ w.T + (b if b is not None else 0)
+            out = fused_ce_kl_sums(z, c["labels"], c["ids"], c["lp"], c["tail"], kl_weight=lam, tail=tail,
+                                   kd_temperature=tau, chunk_size=chunk_size)
+        out.total.backward()
+        outs.append(out)
+        grads.append([t.grad for t in (h, w, b) if t is not None])
+    for a, b_ in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-4)
+    for a, b_ in zip(grads[1], grads[0]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
