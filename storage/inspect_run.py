@@ -30,7 +30,7 @@ def summarize(run_dir: Path) -> dict:
         "encoding": s.encoding, "seq_len": s.seq_len, "num_shards": s.num_shards,
         "rows": m.rows, "trained_tokens": m.trained_tokens, "bytes": m.bytes,
         "bytes_per_trained_token": m.bytes / max(m.trained_tokens, 1),
-        "mean_topk_mass": m.mean_topk_mass,
+        "mean_topk_mass": m.mean_topk_mass, "capture": dict(s.capture),
         "shards": [{"name": r.name, "rows": r.rows, "trained_tokens": r.trained_tokens, "bytes": r.bytes}
                    for r in m.shards],
     }
@@ -44,15 +44,28 @@ def format_table(info: dict) -> str:
         f"run               {info['run_dir']}{'' if info['finalized'] else '  (manifest not written yet)'}",
         f"teacher           {info['teacher']} ({info['teacher_dtype']}, engine {info['engine']})",
         f"tokenizer         {info['tokenizer_hash'][:16]}…  vocab {info['vocab_size']}",
+        f"capture           {_capture_text(info.get('capture') or {})}",
         f"k                 {info['k']}   encoding {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
         f"seq_len           {info['seq_len']}",
         f"rows              {info['rows']:,}",
         f"trained tokens    {info['trained_tokens']:,}",
         f"bytes             {info['bytes']:,}  ({info['bytes_per_trained_token']:.1f} B / trained token)",
-        f"top-k mass        {info['mean_topk_mass']:.4f} (mean teacher probability inside the top k)",
+        f"stored mass       {info['mean_topk_mass']:.4f} (mean teacher probability of the stored ids"
+        + (": the distinct drawn tokens)" if (info.get("capture") or {}).get("mode") == "sample" else ")"),
         "",
         f"{'shard':<32} {'rows':>8} {'trained':>12} {'bytes':>12}",
     ]
     for s in info["shards"]:
         lines.append(f"{s['name']:<32} {s['rows']:>8,} {s['trained_tokens']:>12,} {s['bytes']:>12,}")
     return "\n".join(lines)
+
+
+def _capture_text(cap: dict) -> str:
+    mode = cap.get("mode", "topk")
+    if mode == "sample":
+        return f"sample: {cap.get('draws')} draws per position from the full distribution (seed {cap.get('seed')})"
+    if mode == "hybrid":
+        return f"hybrid: exact top {cap.get('head_k')} + {cap.get('draws')} tail draws (seed {cap.get('seed')})"
+    if mode == "topp":
+        return f"topp: smallest prefix holding {cap.get('top_p')} of the mass, {cap.get('min_k')}..{cap.get('max_k')} ids"
+    return "topk: the top k ids + the tail mass"

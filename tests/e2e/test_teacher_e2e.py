@@ -161,8 +161,10 @@ def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     info = json.loads(cli("inspect", tmp_path / "run", "--json").output)
     assert info["k"] == 6 and info["rows"] > 0 and info["trained_tokens"] > 0
     assert 0 < info["mean_topk_mass"] < 1 and info["bytes_per_trained_token"] > 0
+    assert info["capture"]["mode"] == "topk"
     table = cli("inspect", tmp_path / "run").output
     assert "B / trained token" in table and "part-00000-of-00001.parquet" in table
+    assert "capture           topk: the top k ids + the tail mass" in table
     cfg.write_text('modle = "x"\n')
     r = cli("teacher", "--config", cfg, expect_ok=False)
     assert r.exit_code != 0 and "unknown key(s) ['modle']" in r.output
@@ -180,6 +182,7 @@ def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mod
     # auto with the hf engine: the sampled labels (the manifest records the resolved mode, not "auto")
     mode = "sample" if mode == "auto" else mode
     assert reader.spec.capture["mode"] == mode
+    assert f"capture           {mode}:" in cli("inspect", out).output
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     row = reader[0]
     ids, lp, _ = reference_topk(model, row.input_ids, 384)
