@@ -23,6 +23,7 @@ import numpy as np
 
 from storage import (Encoding, IncompleteRunError, RunSpec, ShardWriter, build_manifest, claim_run_dir,
                      load_run_spec, missing_shards, shard_path)
+from storage import failpoints
 from storage.layout import FORMAT_VERSION
 
 from .config import TeacherConfig
@@ -30,6 +31,8 @@ from .capture_modes import apply_top_p, distinct_draws, draw_uniforms, hybrid_en
 from .teacher_identity import resolve_model_dir, teacher_identity
 
 log = logging.getLogger(__name__)
+
+_PREPARED = failpoints.declare("teacher.prepared", "corpus tokenized and run spec built; nothing written yet")
 
 
 def shard_bounds(num_sequences: int, num_shards: int) -> list[tuple[int, int]]:
@@ -257,6 +260,7 @@ def run(config: TeacherConfig) -> dict:
         return run_ray(config)
     t0 = time.perf_counter()
     spec, corpus, model_dir, (engine_name, device, dtype) = prepare(config)
+    _PREPARED()
     claim_run_dir(config.out, spec)
     mine = list(range(spec.num_shards)) if config.shard_index is None else [config.shard_index]
     pending = [i for i in mine if not shard_path(config.out, i, spec.num_shards).exists()]

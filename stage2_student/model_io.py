@@ -7,9 +7,14 @@ from pathlib import Path
 
 import torch
 
+from storage import failpoints
+from storage.atomic import fsync_dir, fsync_file
 from storage.manifest import RunSpec
 
 log = logging.getLogger(__name__)
+
+_MODEL_TMP_WRITTEN = failpoints.declare("model.tmp_written", "the final model is whole in model.tmp/, not yet renamed")
+_MODEL_OLD_MOVED = failpoints.declare("model.old_moved", "an earlier model/ was moved to model.old/; model.tmp/ not renamed")
 
 
 class StudentMismatchError(ValueError):
@@ -79,10 +84,16 @@ def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> 
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
+    for f in tmp.rglob("*"):  # the rename below must not publish data still in the page cache
+        if f.is_file():
+            fsync_file(f)
+    _MODEL_TMP_WRITTEN()
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         out_dir.rename(old)
+        _MODEL_OLD_MOVED()
     tmp.rename(out_dir)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from storage.atomic import atomic_write_json
+from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.reader import RunReader
 from storage.torch_data import collate_labels
 
@@ -234,11 +234,10 @@ def run(config: StudentConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", {**config.to_dict(), "world_size": world, "total_steps": total,
                                                 "run_fingerprint": spec.fingerprint})
-        # On resume, drop metric lines past the checkpoint so the log has no duplicated steps.
-        kept = []
-        if metrics_path.exists() and start:
-            kept = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        # On resume, drop metric lines past the checkpoint so the log has no duplicated steps (atomically: a
+        # kill here must not lose the lines already there).
+        kept = _metric_lines_up_to(metrics_path, start) if start else []
+        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in kept).encode())
 
     model.train()
     order_cache: dict[int, torch.Tensor] = {}
@@ -311,9 +310,24 @@ def run(config: StudentConfig) -> dict:
             "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None, "final": last}
 
 
+def _metric_lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of `path` (metrics.jsonl) for steps <= `step`. A kill can tear the line being appended; such a
+    line belongs to a step after the newest checkpoint (lines are written before the checkpoint), so it goes too."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            s = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s <= step:
+            kept.append(line)
+    return kept
+
+
 def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: int) -> None:
-    tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.checkpoint_dir(out, step).with_name(
-        f"step-{step:06d}.tmp")
+    tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.tmp_dir(out, step)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()

@@ -12,12 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import failpoints
 from .atomic import atomic_write_json, commit, remove_stale_tmp, tmp_path
 from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
 from .errors import RunWriteError
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
 
 ROW_GROUP_ROWS = 256
+
+_ROW_GROUP_WRITTEN = failpoints.declare(
+    "shard.row_group_written", "row group N (1-based) of the shard is in its .tmp file; fields shard, row_group")
+_RECEIPT_WRITTEN = failpoints.declare(
+    "shard.receipt_written", "the shard's .tmp file is closed and its receipt written; not yet renamed; field shard")
+_COMMITTED = failpoints.declare("shard.committed", "the shard is under its final name; field shard")
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class ShardWriter:
         self.rows = self.tokens = self.trained_tokens = 0
         self.topk_mass_sum = 0.0
         self._last_sample_id = None
+        self._row_groups = 0
 
     def add(self, sample_id: int, input_ids: np.ndarray, label_mask: np.ndarray, topk_ids: np.ndarray,
             topk_logprobs: np.ndarray, tail_logprob: np.ndarray | None = None,
@@ -237,6 +245,8 @@ class ShardWriter:
                 write_statistics=["sample_id"],
             )
         self._writer.write_table(table, row_group_size=len(sid))
+        self._row_groups += 1
+        _ROW_GROUP_WRITTEN(shard=self.index, row_group=self._row_groups)
 
     def close(self) -> ShardReceipt:
         """Finish the file, write its receipt, and rename it into place. Returns the receipt."""
@@ -256,9 +266,11 @@ class ShardWriter:
             )
             # Receipt first, then the shard: a shard under its final name always has a receipt.
             atomic_write_json(receipt_path(self.path), receipt.to_dict())
+            _RECEIPT_WRITTEN(shard=self.index)
             commit(self.tmp, self.path)
         except OSError as e:
             raise self._write_error(e) from e
+        _COMMITTED(shard=self.index)
         return receipt
 
     def _write_error(self, e: OSError) -> RunWriteError:

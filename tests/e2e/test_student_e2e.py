@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from e2e_helpers import REPO, cli, spawn
+from stage2_student import checkpoint as ckpt
 from storage import RunReader
+from storage.failpoints import ENV as FAILPOINTS_ENV
 from storage.torch_data import collate_labels
 
 
@@ -72,13 +73,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_run):
             "--warmup-steps", 3, "--verify", "size"]
     cli("student", *args, "--out", tmp_path / "ref")
     out = tmp_path / "killed"
-    p = spawn("student", *args, "--out", out, "--save-every", 1)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step-000004" / "trainer_state.json").exists():
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "finished before the kill; make the run longer"
+    # The process kills itself right after checkpoint 4 is renamed into place (storage/failpoints.py).
+    p = spawn("student", *args, "--out", out, "--save-every", 1, env={FAILPOINTS_ENV: "checkpoint.renamed{step=4}=kill"})
+    log, _ = p.communicate()
+    assert p.returncode == -signal.SIGKILL, log[-2000:]
+    assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, 4)
     assert not (out / "model").exists()
     r = cli("student", *args, "--out", out, "--save-every", 1, expect_ok=False)
     assert r.exit_code != 0 and "--resume" in r.output, "refuses to silently restart over checkpoints"

@@ -9,7 +9,14 @@ import pytest
 
 from e2e.conftest import tiny_run  # noqa: F401  (the finalised k = vocab run of tests/e2e, reused here)
 from e2e_helpers import big_corpus, cli
-from reliability_helpers import row_groups, teacher_args
+from reliability_helpers import kill_leftovers, row_groups, teacher_args
+
+
+@pytest.fixture(autouse=True)
+def _no_frozen_children():
+    """A test that fails while its child is stopped at a failpoint must not leave the child behind."""
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

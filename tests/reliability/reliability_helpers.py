@@ -5,24 +5,23 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from e2e_helpers import REPO
-from storage import RunReader, ShardWriter, load_manifest
+from storage import ShardWriter, load_manifest
+from storage.failpoints import ENV as FAILPOINTS_ENV
 
-# Shards are written in row groups of this many rows in every run these tests compare, so that a
-# shard's `.tmp` file exists on disk for most of the time the shard is in flight (with the default
-# of 256 rows a tiny shard is only written at close, and "mid-shard" would never see a tmp file).
+# Shards are written in row groups of this many rows in every run these tests compare, so that a shard
+# has several row groups (failpoint `shard.row_group_written` names one); with the default of 256 rows a
+# tiny shard is written in one piece at close.
 ROW_GROUP_ROWS = 4
 
-# The teacher run that fault injection interrupts: about 115 sequences in 6 shards, one sequence per
-# engine call, so that a shard is in flight for about half a second on two CPU cores.
+# The teacher run that fault injection interrupts: about 115 sequences in 6 shards (about 19 each, so 5
+# row groups), one sequence per engine call.
 TEACHER_SHARDS = 6
 
 SHARD_TMP_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet\.\d+\.tmp$")
@@ -51,29 +50,62 @@ def row_groups(n: int = ROW_GROUP_ROWS):
         defaults["row_group_rows"] = old
 
 
-def spawn_pipeline(log: Path, *args, row_group_rows: int = ROW_GROUP_ROWS) -> subprocess.Popen:
-    """`pipeline ARGS` as a real process; its output goes to `log` (a pipe nobody reads could fill up)."""
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn_pipeline(log: Path, *args, failpoints: str = "", row_group_rows: int = ROW_GROUP_ROWS) -> subprocess.Popen:
+    """`pipeline ARGS` as a real process; its output goes to `log` (a pipe nobody reads could fill up).
+    `failpoints`: what the process does to itself at a named point (`storage.failpoints`), e.g.
+    "shard.row_group_written{shard=1,row_group=2}=stop"."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop(FAILPOINTS_ENV, None)
+    if failpoints:
+        env[FAILPOINTS_ENV] = failpoints
     f = open(log, "a")
     try:
-        return subprocess.Popen([sys.executable, "-c", _LAUNCH, str(row_group_rows), *map(str, args)], cwd=REPO,
-                                env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(row_group_rows), *map(str, args)], cwd=REPO,
+                             env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
     finally:
         f.close()  # the child holds its own descriptor
+    p.log = log
+    _SPAWNED.append(p)
+    return p
 
 
-def wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0, poll: float = 0.003):
-    """Poll `cond()` until it returns something truthy; fail if the process exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        if proc.poll() is not None:
-            raise AssertionError(f"the process exited ({proc.returncode}) before the awaited state; "
-                                 f"make the run longer")
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for a state on disk")
+def kill_leftovers() -> None:
+    """Kill every process spawned here that still runs (or is stopped at a failpoint): a failed assertion
+    must not leave a frozen child behind."""
+    while _SPAWNED:
+        p = _SPAWNED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _tail(p: subprocess.Popen) -> str:
+    return Path(p.log).read_text()[-3000:] if getattr(p, "log", None) else ""
+
+
+def wait_stopped(p: subprocess.Popen) -> None:
+    """Block until the process has stopped itself at its failpoint (SIGSTOP). No polling and no clock: the
+    kernel reports the stop to its parent. Fails if the process exits instead."""
+    pid, status = os.waitpid(p.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        return
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+    raise AssertionError(f"the process exited ({p.returncode}) without reaching its failpoint:\n{_tail(p)}")
+
+
+def kill_stopped(p: subprocess.Popen) -> None:
+    """SIGKILL a process stopped at its failpoint: the crash happens exactly there."""
+    p.kill()
+    assert p.wait() == -signal.SIGKILL
+
+
+def wait_killed(p: subprocess.Popen) -> None:
+    """Wait for a process that SIGKILLs itself at its failpoint (`=kill`)."""
+    rc = p.wait()
+    assert rc == -signal.SIGKILL, f"the process exited ({rc}) without reaching its failpoint:\n{_tail(p)}"
 
 
 def shard_tmps(run_dir: Path) -> list[Path]:
@@ -87,8 +119,9 @@ def final_shards(run_dir: Path) -> list[Path]:
 
 
 def all_tmps(root: Path) -> list[Path]:
-    """Every tmp file or folder anywhere under `root` (shards, receipts, run.json, manifest, checkpoints)."""
-    return sorted(p for p in Path(root).rglob("*") if p.name.endswith(".tmp"))
+    """Every tmp file or folder anywhere under `root` (shards, receipts, run.json, manifest, checkpoints), and
+    every checkpoint folder left half-deleted (`.trash`)."""
+    return sorted(p for p in Path(root).rglob("*") if p.name.endswith((".tmp", ".trash")))
 
 
 def sha256(path: Path) -> str:

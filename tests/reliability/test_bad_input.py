@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -232,15 +232,30 @@ def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(tmp_path
     run must stop with the error, not wait forever for a writer that is gone."""
     args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
             "--batch-size", 1, "--encoding", "exact", "--max-samples", 12]
-    target = 12 - 5  # the queue holds 4 batches: when this one fails, the last 4 wait behind it
+    n_seq = 12  # the sequences of --max-samples 12 at --seq-len 32 (checked below: the engine must score them all)
+    target = n_seq - 5  # the queue holds 4 batches: when this one fails, the last 4 wait behind it
     _poisoned_score(monkeypatch, target, "nan")
+    scored, engine_done = [0], threading.Event()
+    poisoned_score = HFEngine.score
+
+    def score(self, batch, k, **kw):
+        tops = poisoned_score(self, batch, k, **kw)
+        scored[0] += len(batch)
+        if scored[0] == n_seq:
+            engine_done.set()
+        return tops
+
+    monkeypatch.setattr(HFEngine, "score", score)
     real_add = ShardWriter.add
 
-    def slow_add(self, *a, **kw):
-        time.sleep(0.2)  # a writer slower than the engine: the queue fills up
-        return real_add(self, *a, **kw)
+    def add_after_the_engine_is_done(self, sample_id, *a, **kw):
+        # The writer reaches the bad row only once the engine has scored every batch (an event, not a
+        # sleep): the batches behind it fill the queue. The wait's timeout is a hang guard only.
+        if sample_id == target and not engine_done.wait(timeout=60):
+            raise AssertionError(f"the engine scored {scored[0]} of {n_seq} sequences; the corpus changed?")
+        return real_add(self, sample_id, *a, **kw)
 
-    monkeypatch.setattr(ShardWriter, "add", slow_add)
+    monkeypatch.setattr(ShardWriter, "add", add_after_the_engine_is_done)
     out = tmp_path / "run"
     r = cli("teacher", *args, "--out", out, expect_ok=False)
     assert r.exit_code != 0 and f"sample_id {target}" in r.output and "NaN" in r.output, r.output

@@ -1,20 +1,23 @@
 """Fault injection with real processes and real signals: SIGKILL and SIGTERM of `pipeline teacher`,
-SIGKILL of `pipeline student` while it writes checkpoints, and a disk that fills up under a shard.
+SIGKILL of `pipeline student` at every step of writing and rotating checkpoints, and a disk that fills up
+under a shard.
 
-After every fault, what is on disk under a final name is whole (byte-identical to an uninterrupted run),
-no `.tmp` is counted as data, and the restarted command completes the run exactly as if nothing happened.
-Kill timings are drawn from a seeded RNG, so a failure reproduces.
+Where a process dies is decided by the test, never by the clock: the process stops or kills itself at a named
+failpoint (`storage/failpoints.py`, set through LABEL_ANNEAL_FAILPOINTS). With `=stop` the test learns of the
+stop from the kernel (`waitpid(WUNTRACED)`), checks what is on disk at exactly that step, then kills or signals
+it. So every run of these tests kills at the same steps and sees the same files.
+
+After every fault, what is on disk under a final name is whole (byte-identical to an uninterrupted run), no
+`.tmp` is counted as data, and the restarted command completes the run exactly as if nothing happened.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,14 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from e2e_helpers import cli
-from reliability_helpers import (SHARD_TMP_RE, TEACHER_SHARDS, all_tmps, assert_same_run, final_shards,
-                                 row_groups, sha256,
-                                 shard_tmps, snapshot, spawn_pipeline, wait_for)
+from reliability_helpers import (SHARD_TMP_RE, TEACHER_SHARDS, all_tmps, assert_same_run, final_shards, kill_stopped,
+                                 row_groups, sha256, shard_tmps, snapshot, spawn_pipeline, wait_killed, wait_stopped)
 from stage2_student import checkpoint as ckpt
 from storage import IncompleteRunError, build_manifest, load_manifest, load_run_spec, missing_shards, shard_path
 from storage.layout import parse_shard_name, receipt_path
-
-SEED = 1234
 
 
 def _index(p: Path) -> int:
@@ -57,41 +57,46 @@ def _check_after_fault(out: Path, ref_sha: dict[int, str]) -> dict:
 
 
 @pytest.mark.slow
-def test_teacher_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, teacher_reference):
+def test_teacher_killed_at_each_named_point_then_resume_equals_uninterrupted(tmp_path, teacher_reference):
     args, ref = teacher_reference
     ref_sha = {s.index: s.sha256 for s in load_manifest(ref).shards}
-    rng = random.Random(SEED)
     out, log = tmp_path / "run", tmp_path / "teacher.log"
-    states = {}
 
-    def kill(p, jitter):
-        time.sleep(rng.uniform(0, jitter))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert p.returncode == -signal.SIGKILL, "the process ended before the kill; make the run longer"
+    def stopped_at(point: str):
+        p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints=f"{point}=stop")
+        wait_stopped(p)
+        return p
 
-    # 1. right after start: still importing, nothing on disk yet.
-    p = spawn_pipeline(log, "teacher", *args, "--out", out)
-    kill(p, 1.0)
-    states["start"] = _check_after_fault(out, ref_sha)
-    assert states["start"]["finals"] == []
+    # 1. start-up: the corpus is tokenized and the spec built; nothing is on disk yet.
+    p = stopped_at("teacher.prepared")
+    assert not out.exists()
+    kill_stopped(p)
+    assert not out.exists()
 
-    # 2. mid-shard: a shard's row groups are streaming into its .tmp file.
-    p = spawn_pipeline(log, "teacher", *args, "--out", out)
-    wait_for(lambda: final_shards(out) and shard_tmps(out), p)
-    kill(p, 0.05)
-    states["mid"] = _check_after_fault(out, ref_sha)
-    assert states["mid"]["tmps"], "killed while a shard was in flight"
+    # 2. mid-shard: two of shard 0's row groups are in its .tmp file.
+    p = stopped_at("shard.row_group_written{shard=0,row_group=2}")
+    assert _check_after_fault(out, ref_sha) == {"finals": [], "tmps": [0]}
+    assert shard_tmps(out)[0].stat().st_size > 0
+    kill_stopped(p)
     stale = shard_tmps(out)
+    assert _check_after_fault(out, ref_sha) == {"finals": [], "tmps": [0]}, "a killed writer's tmp stays, unread"
 
-    # 3. between shards: right after a shard was renamed into place.
-    done = len(final_shards(out))
-    p = spawn_pipeline(log, "teacher", *args, "--out", out)
-    wait_for(lambda: len(final_shards(out)) > done, p)
-    kill(p, 0.01)
-    states["between"] = _check_after_fault(out, ref_sha)
+    # 3. between shard 1's receipt and its rename: the receipt alone does not make the shard present.
+    p = stopped_at("shard.receipt_written{shard=1}")
+    kill_stopped(p)
     assert not any(t.exists() for t in stale), "the next writer of a shard removes the tmp a killed one left"
-    assert 0 < len(states["between"]["finals"]) < TEACHER_SHARDS
+    assert _check_after_fault(out, ref_sha) == {"finals": [0], "tmps": [1]}
+    assert receipt_path(shard_path(out, 1, TEACHER_SHARDS)).exists()
+
+    # 4. between shards: shard 2 was just renamed into place, shard 3 not begun.
+    p = stopped_at("shard.committed{shard=2}")
+    assert _check_after_fault(out, ref_sha) == {"finals": [0, 1, 2], "tmps": []}
+    kill_stopped(p)
+
+    # 5. the process kills itself mid-shard (no stop first): the same state as a crash there.
+    p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=4,row_group=3}=kill")
+    wait_killed(p)
+    assert _check_after_fault(out, ref_sha) == {"finals": [0, 1, 2, 3], "tmps": [4]}
 
     before = {p.name: p.stat().st_mtime_ns for p in final_shards(out)}
     with row_groups():
@@ -108,19 +113,23 @@ def test_teacher_sigterm_abandons_the_shard_in_flight(tmp_path, teacher_referenc
     args, ref = teacher_reference
     ref_sha = {s.index: s.sha256 for s in load_manifest(ref).shards}
     out, log = tmp_path / "run", tmp_path / "teacher.log"
-    p = spawn_pipeline(log, "teacher", *args, "--out", out)
-    wait_for(lambda: final_shards(out) and shard_tmps(out), p)
-    in_flight = _index(shard_tmps(out)[0])
-    t0 = time.monotonic()
+    # Preemption while shard 1 is in flight: SIGTERM from outside, delivered when the process continues.
+    p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=1,row_group=2}=stop")
+    wait_stopped(p)
+    assert _check_after_fault(out, ref_sha) == {"finals": [0], "tmps": [1]}
     p.send_signal(signal.SIGTERM)
-    rc = p.wait(timeout=60)
-    waited = time.monotonic() - t0
+    p.send_signal(signal.SIGCONT)
+    rc = p.wait()
     assert rc == 128 + signal.SIGTERM, (rc, log.read_text()[-2000:])
-    assert waited < 10, f"SIGTERM took {waited:.1f}s to stop the process"
-    state = _check_after_fault(out, ref_sha)
+    assert _check_after_fault(out, ref_sha) == {"finals": [0], "tmps": []}
     assert all_tmps(out) == [], "the shard in flight was abandoned: its tmp file removed"
-    assert not shard_path(out, in_flight, TEACHER_SHARDS).exists(), "no partial shard under a final name"
-    assert state["finals"] and in_flight not in state["finals"]
+    assert not receipt_path(shard_path(out, 1, TEACHER_SHARDS)).exists(), "nor a receipt"
+
+    # Preemption right after shard 3 was renamed into place: that shard stays, whole.
+    p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints="shard.committed{shard=3}=term")
+    assert p.wait() == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    assert _check_after_fault(out, ref_sha) == {"finals": [0, 1, 2, 3], "tmps": []}
+    assert all_tmps(out) == []
 
     with row_groups():
         cli("teacher", *args, "--out", out)
@@ -130,52 +139,116 @@ def test_teacher_sigterm_abandons_the_shard_in_flight(tmp_path, teacher_referenc
 STUDENT_STEPS = 20
 _CKPT_FILES = {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", ckpt.STATE}
 
+# Each step of writing and rotating a checkpoint, in the order one training run meets them (--save-every 1,
+# --keep-checkpoints 2): (failpoint where the run dies, the step it resumed from, the complete checkpoints
+# left, the other folders left under checkpoints/). One process per row, each resuming the one before.
+STUDENT_FAULTS = [
+    # an empty step-3.tmp/ (accelerate writes into it next)
+    ("checkpoint.begun{step=3}", 0, [1, 2], ["step-000003.tmp"]),
+    # the training state in step-5.tmp/, no state file
+    ("checkpoint.files_written{step=5}", 2, [3, 4], ["step-000005.tmp"]),
+    # step-7.tmp/ whole, state file included, not renamed
+    ("checkpoint.marker_written{step=7}", 4, [5, 6], ["step-000007.tmp"]),
+    # step-9/ in place; step 7 not yet rotated out
+    ("checkpoint.renamed{step=9}", 6, [7, 8, 9], []),
+    # rotation: step 9 renamed out of the namespace, none of its files deleted yet
+    ("checkpoint.discard_renamed{step=11,old=9}", 9, [10, 11], ["step-000009.trash"]),
+    # rotation: one file of step 11 deleted (before the fix, `rmtree` left a "complete" step-11/ like this)
+    ("checkpoint.discard_file_removed{step=13,old=11}", 11, [12, 13], ["step-000011.trash"]),
+    # after the last step: the final model whole in model.tmp/, not renamed
+    ("model.tmp_written", 13, [19, 20], []),
+]
 
-def _check_checkpoints(out: Path) -> int:
-    """Every checkpoint under a final name is whole and loadable; returns the newest step (0: none)."""
+
+def _check_checkpoints(out: Path) -> list[int]:
+    """Every checkpoint under a final name is whole and loadable; returns their steps."""
     complete = ckpt.complete_checkpoints(out)
     for step, d in complete:
         assert _CKPT_FILES <= {p.name for p in d.iterdir()}, f"{d} is missing files"
         assert ckpt.read_state(d)["step"] == step
         load_file(str(d / "model.safetensors"))  # a truncated file would not parse
-    return complete[-1][0] if complete else 0
+    return [s for s, _ in complete]
 
 
 @pytest.mark.slow
-def test_student_sigkill_while_checkpointing_resumes_from_last_complete(tmp_path, tiny_run):
+def test_student_killed_at_each_checkpoint_step_resumes_from_last_complete(tmp_path, tiny_run):
     args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", STUDENT_STEPS, "--batch-size", 2, "--lr", 1e-3,
-            "--warmup-steps", 3, "--verify", "size", "--save-every", 1]
+            "--warmup-steps", 3, "--verify", "size", "--save-every", 1, "--keep-checkpoints", 2]
     cli("student", *args, "--out", tmp_path / "ref")
-    rng = random.Random(SEED)
     out, log = tmp_path / "killed", tmp_path / "student.log"
-    latest, kills_mid_write = 0, 0
-    for attempt in range(3):
-        target = latest + rng.randint(2, 4)  # kill while checkpoint `target` is being written
-        tmp_dir = ckpt.checkpoint_dir(out, target).with_name(f"step-{target:06d}.tmp")
+    for i, (point, resumed_from, complete, others) in enumerate(STUDENT_FAULTS):
         log.write_text("")
-        p = spawn_pipeline(log, "-v", "student", *args, "--out", out, *(["--resume"] if attempt else []))
-        wait_for(lambda: tmp_dir.exists() or ckpt.checkpoint_dir(out, target).exists(), p, timeout=180)
-        time.sleep(rng.uniform(0, 0.02))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert p.returncode == -signal.SIGKILL
-        if attempt:
+        p = spawn_pipeline(log, "-v", "student", *args, "--out", out, *(["--resume"] if i else []),
+                           failpoints=f"{point}=kill")
+        wait_killed(p)
+        if resumed_from:
             m = re.search(r"resumed from \S+ \(step (\d+)\)", log.read_text())
-            assert m and int(m.group(1)) == latest, "resumed from the newest complete checkpoint"
-        kills_mid_write += tmp_dir.exists()
+            assert m and int(m.group(1)) == resumed_from, (point, "resumed from the newest complete checkpoint")
+        assert _check_checkpoints(out) == complete, point
+        left = sorted(p.name for p in (out / "checkpoints").iterdir() if not re.fullmatch(r"step-\d+", p.name))
+        assert left == others, point
         assert not (out / "model").exists()
-        latest = _check_checkpoints(out)
-        assert latest >= 1
-    assert kills_mid_write >= 1, "at least one kill landed inside a checkpoint write"
+
+    ref = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+
+    def assert_model_equals_ref(d: Path):
+        got = load_file(str(d / "model.safetensors"))
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
 
     res = cli("student", *args, "--out", out, "--resume")
-    assert f"{STUDENT_STEPS} steps ({STUDENT_STEPS - latest} this run)" in res.output
+    assert f"{STUDENT_STEPS} steps (0 this run)" in res.output
     assert all_tmps(out) == [] and not (out / "model.old").exists(), "no leftovers"
-    ref, got = load_file(str(tmp_path / "ref" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    assert_model_equals_ref(out / "model")
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STUDENT_STEPS + 1)), "no duplicated or missing metric lines"
+
+    # Saving over an existing model: killed between moving the old one aside and renaming the new one in.
+    # Both copies are whole on disk, and the next run puts the model back.
+    p = spawn_pipeline(log, "student", *args, "--out", out, "--resume", failpoints="model.old_moved=kill")
+    wait_killed(p)
+    assert not (out / "model").exists()
+    assert_model_equals_ref(out / "model.old")
+    assert_model_equals_ref(out / "model.tmp")
+    cli("student", *args, "--out", out, "--resume")
+    assert_model_equals_ref(out / "model")
+    assert all_tmps(out) == [] and not (out / "model.old").exists(), "no leftovers"
+
+
+def test_a_checkpoint_missing_a_listed_file_is_not_complete(tmp_path):
+    """The state file lists every file with its size: a folder that lost one (or holds a truncated one) is never
+    resumed from, whatever removed it."""
+    def make(step: int) -> Path:
+        d = ckpt.begin(tmp_path, step)
+        (d / "model.safetensors").write_bytes(b"w" * 100)
+        (d / "optimizer.bin").write_bytes(b"o" * 50)
+        (d / "random_states_0.pkl").write_bytes(b"r")
+        return ckpt.commit(d, {"step": step}, keep=10)
+
+    a, b, c = make(1), make(2), make(3)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [1, 2, 3]
+    (c / "optimizer.bin").unlink()
+    (b / "model.safetensors").write_bytes(b"w" * 99)
+    assert ckpt.latest_checkpoint(tmp_path) == a
+    (a / ckpt.STATE).write_text('{"step": 1, "files": {')  # torn state file
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    # Written before the state file listed its files: accelerate's own files must be there.
+    legacy = ckpt.checkpoint_dir(tmp_path, 7)
+    legacy.mkdir()
+    (legacy / ckpt.STATE).write_text(json.dumps({"step": 7}))
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        (legacy / name).write_bytes(b"x")
+    assert ckpt.latest_checkpoint(tmp_path) == legacy
+    # Rotation removes the oldest and any half-deleted leftovers, keeping the newest `keep`.
+    (tmp_path / "checkpoints" / "step-000004.trash").mkdir()
+    make(8)
+    d = ckpt.begin(tmp_path, 9)
+    (d / "model.safetensors").write_bytes(b"w")
+    ckpt.commit(d, {"step": 9}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000001", "step-000002", "step-000003", "step-000008", "step-000009"], \
+        "incomplete folders are never resumed from, and not deleted either (they are not ours to judge)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,10 +377,11 @@ def test_stale_tmp_files_and_half_written_checkpoints_are_never_read(tmp_path):
     assert [s.to_dict() for s in build_manifest(run).shards] == [s.to_dict() for s in m1.shards]
 
     out = tmp_path / "student"
-    for name, state in (("step-000002", True), ("step-000005.tmp", True), ("step-000009", False)):
+    for name, state in (("step-000002", True), ("step-000005.tmp", True), ("step-000009", False),
+                        ("step-000011.trash", True)):
         d = out / "checkpoints" / name
         d.mkdir(parents=True)
         if state:
-            (d / ckpt.STATE).write_text(json.dumps({"step": int(name[5:11])}))
+            (d / ckpt.STATE).write_text(json.dumps({"step": int(name[5:11]), "files": {}}))
     assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-000002", \
-        "a .tmp checkpoint or one without its state file is never resumed from"
+        "a .tmp or .trash checkpoint, or one without its state file, is never resumed from"
