@@ -135,7 +135,9 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_ru
     args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", 4, "--lr", 1e-3, "--verify", "size"]
     cli("student", *args, "--batch-size", 4, "--out", tmp_path / "one")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    # --standalone: the rendezvous store binds port 0, so the OS picks a free port. A fixed --master-port made
+    # this test fail with EADDRINUSE whenever another copy of the suite ran it at the same time.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(REPO / "pipeline.py"), "student", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
