@@ -7,18 +7,18 @@ line win; an unknown key is an error.
 
     pipeline inspect RUN_DIR [--json]
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import sys
-import tomllib
 import types
 import typing
 from pathlib import Path
 
 import click
+import tomllib
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -27,9 +27,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
     try:
         data = tomllib.loads(Path(value).read_text())
     except FileNotFoundError:
-        raise click.BadParameter(f"{value}: no such file", param=param)
+        raise click.BadParameter(f"{value}: no such file", param=param) from None
     except tomllib.TOMLDecodeError as e:
-        raise click.BadParameter(f"{value}: not valid TOML ({e})", param=param)
+        raise click.BadParameter(f"{value}: not valid TOML ({e})", param=param) from None
     known = {p.name for p in ctx.command.params if p.name != "config"}
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
@@ -40,8 +40,14 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 def config_option(f):
-    return click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
-                        expose_value=False, help="TOML file whose keys are this command's option names.")(f)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        callback=_load_config,
+        is_eager=True,
+        expose_value=False,
+        help="TOML file whose keys are this command's option names.",
+    )(f)
 
 
 def _click_type(hint):
@@ -71,28 +77,34 @@ def options_from(config_cls, *, skip: tuple[str, ...] = ()):
                 opt = click.option(name, fld.name, type=_click_type(hints[fld.name]), default=None, help=help_)
             f = opt(f)
         return f
+
     return deco
 
 
 def build_config(config_cls, params: dict):
     """The config from the options actually given; missing required options named together."""
     given = {k: v for k, v in params.items() if v is not None}
-    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in given]
+    missing = [
+        f"--{f.name.replace('_', '-')}"
+        for f in dataclasses.fields(config_cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in given
+    ]
     if missing:
         raise click.UsageError(f"missing option(s): {', '.join(missing)}")
     try:
         return config_cls(**given)
     except ValueError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int):
     """Offline label annealing: capture a teacher's top-k once, fine-tune against it without forgetting."""
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()
@@ -100,36 +112,44 @@ def cli(verbose: int):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(run_dir: Path, as_json: bool):
     """Show what a run directory holds: shards, rows, trained tokens, k, bytes per trained token."""
-    from storage.inspect_run import format_table, summarize
     from storage.errors import StorageError
+    from storage.inspect_run import format_table, summarize
 
     try:
         info = summarize(run_dir)
     except StorageError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(json.dumps(info, indent=2) if as_json else format_table(info))
 
 
 @cli.command()
 @config_option
 @options_from(__import__("stage1_teacher.config", fromlist=["TeacherConfig"]).TeacherConfig)
-@click.option("--finalize", "finalize_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Only check that every shard of RUN_DIR is present and write its manifest.")
+@click.option(
+    "--finalize",
+    "finalize_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Only check that every shard of RUN_DIR is present and write its manifest.",
+)
 def teacher(finalize_dir: Path | None, **params):
     """Stage 1: score a corpus with the frozen teacher and store its top-k log-probs as shards."""
     from stage1_teacher.config import TeacherConfig
-    from stage1_teacher.run import finalize, run, summary_line
+    from stage1_teacher.run import run
+    from stage1_teacher.shards import finalize, summary_line
     from storage.errors import StorageError
 
     try:
         if finalize_dir is not None:
             info = finalize(finalize_dir)
-            click.echo(f"finalized {info['rows']:,} rows, {info['trained_tokens']:,} trained tokens, "
-                       f"{info['bytes_per_trained_token']:.1f} B/trained token -> {finalize_dir}")
+            click.echo(
+                f"finalized {info['rows']:,} rows, {info['trained_tokens']:,} trained tokens, "
+                f"{info['bytes_per_trained_token']:.1f} B/trained token -> {finalize_dir}"
+            )
             return
         summary = run(build_config(TeacherConfig, params))
     except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
@@ -145,53 +165,67 @@ def student(**params):
     try:
         summary = run(build_config(StudentConfig, params))
     except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
 @cli.command("eval")
 @config_option
-@options_from(__import__("stage2_student.evaluate", fromlist=["EvalConfig"]).EvalConfig, skip=("data",))
-@click.option("--data", "data", multiple=True, metavar="NAME=PATH",
-              help=__import__("stage2_student.evaluate", fromlist=["EvalConfig"]).EvalConfig
-              .__dataclass_fields__["data"].metadata["help"] + "  [required]")
+@options_from(__import__("stage2_student.config", fromlist=["EvalConfig"]).EvalConfig, skip=("data",))
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    metavar="NAME=PATH",
+    help=__import__("stage2_student.config", fromlist=["EvalConfig"])
+    .EvalConfig.__dataclass_fields__["data"]
+    .metadata["help"]
+    + "  [required]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 def eval_(as_json: bool, **params):
     """Per-token NLL, perplexity and KL(base‖model) of a model on named corpora (+ optional lm-eval tasks)."""
-    from stage2_student.evaluate import EvalConfig, format_table, run
+    from stage2_student.config import EvalConfig
+    from stage2_student.evaluate import format_table, run
 
     try:
         result = run(build_config(EvalConfig, params))
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 @cli.command()
 @config_option
-@options_from(__import__("stage2_student.merge", fromlist=["MergeConfig"]).MergeConfig)
+@options_from(__import__("stage2_student.config", fromlist=["MergeConfig"]).MergeConfig)
 def merge(**params):
-    """Interpolate weights: (1−α)·base + α·tuned (WiSE-FT; α > 1 extrapolates, ExPO). Same architecture and tokenizer."""
-    from stage2_student.merge import MergeConfig, run, summary_line
+    """Interpolate weights: (1−α)·base + α·tuned (WiSE-FT; α > 1 extrapolates, ExPO). Same architecture and
+    tokenizer."""
+    from stage2_student.config import MergeConfig
+    from stage2_student.merge import run, summary_line
 
     try:
         summary = run(build_config(MergeConfig, params))
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
 @cli.command()
 @config_option
-@options_from(__import__("stage2_student.sweep", fromlist=["SweepConfig"]).SweepConfig, skip=("student", "eval_data"))
-@click.option("--eval-data", "eval_data", multiple=True, help="NAME=PATH held-out corpus (repeat): 'target' plus retention sets.")
-@options_from(__import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig,
-              skip=("run_dir", "out", "kl_weight", "resume"))
+@options_from(__import__("stage2_student.config", fromlist=["SweepConfig"]).SweepConfig, skip=("student", "eval_data"))
+@click.option(
+    "--eval-data", "eval_data", multiple=True, help="NAME=PATH held-out corpus (repeat): 'target' plus retention sets."
+)
+@options_from(
+    __import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig,
+    skip=("run_dir", "out", "kl_weight", "resume"),
+)
 def sweep(**params):
     """Train one student per λ (and per lr / baseline knob) from the same stored labels, evaluate all,
     and write a trade-off table and plot."""
-    from stage2_student.config import StudentConfig
-    from stage2_student.sweep import SweepConfig, run
+    from stage2_student.config import StudentConfig, SweepConfig
+    from stage2_student.sweep import run
     from storage.errors import StorageError
 
     student_keys = {f.name for f in dataclasses.fields(StudentConfig)}
@@ -202,7 +236,7 @@ def sweep(**params):
     try:
         result = run(build_config(SweepConfig, {**given, "student": student}))
     except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     if "table" in result:
         from stage2_student.sweep import format_markdown
 
@@ -211,14 +245,18 @@ def sweep(**params):
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"),
-              help="Where the demo writes its run, models, table and plot.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo_out"),
+    help="Where the demo writes its run, models, table and plot.",
+)
 @click.option("--full", is_flag=True, help="The larger setting (more steps, λ values, baselines); for a GPU.")
 @click.option("--seed", type=int, default=0, help="Seed of the students.")
 def demo(out: Path, full: bool, seed: int):
     """The embedded default: SmolLM2-135M fine-tuned on math, with and without label annealing, then evaluated
     on held-out math and on Shakespeare. No model hub; about 10 minutes on 2 CPU cores."""
-    from stage2_student.demo import run
+    from demo.demo import run
 
     run(out=out, full=full, seed=seed)
 

@@ -22,6 +22,7 @@ Peak memory (CPU; `tracemalloc` does not see torch's allocations)
         every block >= 64 KiB is mmap-ed and returned to the OS when freed. It slows allocation
         (every big block faults in fresh pages), so benches measure memory after all timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,14 @@ OUT = ROOT / "bench" / "out"
 
 # ------------------------------------------------------------------------------------------- timing
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 1,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each variant: `warmup` untimed rounds, then `repeats` timed rounds, each
     round calling every variant once in the given order (A B C A B C ...)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -68,11 +75,17 @@ def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
 
 
 def summarize(times: Sequence[float]) -> dict:
-    return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times),
-            "all_s": [round(t, 6) for t in times]}
+    return {
+        "median_s": median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": len(times),
+        "all_s": [round(t, 6) for t in times],
+    }
 
 
 # ------------------------------------------------------------------------------------------- memory
+
 
 def alloc_peak(fn: Callable[[], object]) -> int:
     """Peak bytes of torch's CPU allocator above its level when `fn` starts (see the module docstring)."""
@@ -138,6 +151,7 @@ def mib(n: float | None) -> str:
 
 # -------------------------------------------------------------------------------------------- output
 
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
     """A Markdown table (also readable in a terminal)."""
     cells = [[str(c) for c in r] for r in rows]
@@ -179,7 +193,9 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        info["mem_total_gib"] = round(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20, 1)
+        info["mem_total_gib"] = round(
+            int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20, 1
+        )
     except (OSError, AttributeError):
         pass
     info["loadavg_at_start"] = os.getloadavg()
@@ -220,6 +236,10 @@ def op_profile(fns: dict[str, Callable[[], object]], top: int = 12, reps: int = 
     first = next(iter(fns))
     keys = sorted(set().union(*res.values()), key=lambda x: -res[first].get(x, 0))
     rows = [{"op": key, **{f"{name}_ms": round(res[name].get(key, 0.0), 2) for name in fns}} for key in keys[:top]]
-    rows.append({"op": "TOTAL (self CPU, sum of per-op minima)",
-                 **{f"{name}_ms": round(sum(res[name].values()), 2) for name in fns}})
+    rows.append(
+        {
+            "op": "TOTAL (self CPU, sum of per-op minima)",
+            **{f"{name}_ms": round(sum(res[name].values()), 2) for name in fns},
+        }
+    )
     return rows

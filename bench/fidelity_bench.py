@@ -1,16 +1,15 @@
 """Capture modes head to head: bytes per trained token against gradient fidelity, on real text.
 
     . .venv/bin/activate
-    python bench/fidelity_bench.py                # full: SmolLM2-135M fp32, 3 domains x 8 x 256 positions (~16-18 min on
-                                                  # 2 cores shared with other sessions, load 5-7)
+    python bench/fidelity_bench.py                # full: SmolLM2-135M fp32, 3 domains x 8 x 256 positions (~16-18 min
+                                                  # on 2 cores shared with other sessions, load 5-7)
     python bench/fidelity_bench.py --quick        # 3 x 4 x 64 positions, fewer modes: a smoke run (~2 min)
-    python bench/fidelity_bench.py --train ...    # the training-outcome comparison: bench/fidelity_train.py (its
-                                                  # arguments follow --train; ~3 h for 2 seeds, resumable)
+    python bench/fidelity_train.py ...            # the training-outcome comparison (~3 h for 2 seeds, resumable)
 
 Teacher, text, student
-    SmolLM2-135M-Instruct (`stage1_teacher.assets.smollm2_path()`, fp32) through the project's own
+    SmolLM2-135M-Instruct (`demo.assets.smollm2_path()`, fp32) through the project's own
     `HFEngine`. Windows of 257 tokens (256 trained positions) of Shakespeare, CHAMP math (the *test*
-    split) and Python standard-library source (bench/storage_bench.py's `_windows`); every position
+    split) and Python standard-library source (bench/storage_bench.py's `windows`); every position
     trained. The student is the teacher after ONE plain SGD step (θ ← θ − lr·∇θ, default lr 0.03) on the
     mean cross-entropy of 4 windows of CHAMP math from the *train* split: a fine-tune that has just
     started to drift (its exact KL(teacher‖student) per domain is printed and stored). `--student-lrs`
@@ -18,11 +17,11 @@ Teacher, text, student
     labels' noise does not, and top-k's tail bias grows with it, so the ranking depends on the distance.
 
 Capture (what stage 1 would store)
-    For each mode the teacher is scored with `stage1_teacher.run._score` (→ `HFEngine.score`, with
-    `draw_uniforms` per sequence for the sampled modes) and turned into stored arrays with
-    `stage1_teacher.run._stored`, exactly as `pipeline teacher` does. The transformer forward is run once
-    per block and fed to every mode (the engine's `_base` is swapped for the cached final hidden states),
-    so the per-mode cost (lm_head, log-softmax, top-k, tail, inverse-CDF draws, `_stored`) is measured
+    For each mode the teacher is scored with `stage1_teacher.capture_modes.score_batch` (→ `HFEngine.score`,
+    with `draw_uniforms` per sequence for the sampled modes) and turned into stored arrays with
+    `stage1_teacher.capture_modes.stored_entries`, exactly as `pipeline teacher` does. The transformer forward is run
+    once per block and fed to every mode (the engine's `_base` is swapped for the cached final hidden states),
+    so the per-mode cost (lm_head, log-softmax, top-k, tail, inverse-CDF draws, `stored_entries`) is measured
     without re-running the model; the forward itself is timed once per block. Capture cost relative to
     topk-32 = (forward + per-mode post-processing) / (forward + topk-32's).
     Shards: one real shard per mode through `storage.ShardWriter` with the default `Encoding()` and the
@@ -31,7 +30,7 @@ Capture (what stage 1 would store)
 
 Fidelity (read back from the shards, so q8 quantisation counts)
     Rows are read with `storage.ShardReader`, collated with `collate_labels`, turned into the mode's target
-    with `stage2_student.targets.to_targets` and fed to `fused_ce_kl_sums(ce_weight=0, kl_weight=1)`;
+    with `stage2_student.batch.with_kl_target_weights` and fed to `fused_ce_kl_sums(ce_weight=0, kl_weight=1)`;
     its gradient g w.r.t. the student logits is compared with the exact full-vocabulary gradient of
     KL(teacher‖student), q − p:
       mass        mean teacher probability held by the stored ids (exact p)
@@ -43,13 +42,15 @@ Fidelity (read back from the shards, so q8 quantisation counts)
       KL seen     Σ KL(stored target ‖ student) / Σ exact KL(p ‖ q), for topk/topp (the loss's own value)
       ‖g‖ ratio   RMS over positions of ‖g_t‖ / RMS of ‖q_t − p_t‖, and ‖lm_head grad‖ / exact (1,024 blocks)
     Per-position cosine misjudges sampled labels (unbiased but noisy per position, FINDINGS §1): weigh
-    the lm_head cosine, and in the end the training outcome (--train).
+    the lm_head cosine, and in the end the training outcome (bench/fidelity_train.py).
 
---train (the Fidelity issue's training-outcome comparison) lives in bench/fidelity_train.py.
+The Fidelity issue's training-outcome comparison lives in bench/fidelity_train.py (it reuses this bench's mode
+table, `all_modes`; this bench does not import it).
 
 Prints a table sorted by bytes per trained token; writes bench/out/fidelity_bench.json
 (fidelity_bench_quick.json with --quick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,23 +75,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import OUT, log, machine_info, table, write_json  # noqa: E402
 
-SEQ_LEN = 257          # tokens per window: 256 trained positions
-BLOCK_SEQS = 4         # sequences per block: 4 x 256 = 1,024 positions, one small training batch
+SEQ_LEN = 257  # tokens per window: 256 trained positions
+BLOCK_SEQS = 4  # sequences per block: 4 x 256 = 1,024 positions, one small training batch
 DOMAINS = ("shakespeare", "math", "python")
 SEED = 0
-TARGET_PERF = (60.0, 0.99)   # Performance issue: <= 60 B per trained token with gradient cosine >= 0.99
-TARGET_FID = 40.0            # Fidelity issue: <= 40 B per trained token (judged by training outcome)
+TARGET_PERF = (60.0, 0.99)  # Performance issue: <= 60 B per trained token with gradient cosine >= 0.99
+TARGET_FID = 40.0  # Fidelity issue: <= 40 B per trained token (judged by training outcome)
 
 
 # ------------------------------------------------------------------------------------------ modes
 
+
 @dataclass(frozen=True)
 class Mode:
     name: str
-    capture: dict                  # spec.capture as `stage1_teacher.run.prepare` records it
-    width: int                     # K: the most entries a position can hold (spec.k)
-    loss_tail: str = "bucket"      # fused_ce_kl_sums(tail=...)
-    shard_of: str | None = None    # reuse another mode's shard (same stored labels, other loss)
+    capture: dict  # spec.capture as `stage1_teacher.prepare.prepare` records it
+    width: int  # K: the most entries a position can hold (spec.k)
+    loss_tail: str = "bucket"  # fused_ce_kl_sums(tail=...)
+    shard_of: str | None = None  # reuse another mode's shard (same stored labels, other loss)
 
     @property
     def kind(self) -> str:
@@ -102,7 +104,7 @@ def _cap(mode: str, **kw) -> dict:
 
 
 def all_modes() -> list[Mode]:
-    from stage1_teacher.capture_modes import stored_width
+    from storage import MODES
 
     out = []
     for k in (8, 16, 32, 128):
@@ -111,51 +113,71 @@ def all_modes() -> list[Mode]:
     for p in (0.9, 0.99):
         out.append(Mode(f"topp-{p}", _cap("topp", top_p=p, min_k=4, max_k=128), 128))
     for n in (12, 32):
-        out.append(Mode(f"sample-{n}", _cap("sample", draws=n, seed=SEED, head_k=0), stored_width("sample", 0, n)))
+        out.append(
+            Mode(f"sample-{n}", _cap("sample", draws=n, seed=SEED, head_k=0), MODES["sample"].stored_width(0, n))
+        )
     for k in (8, 16):
         for m in (8, 16):
-            out.append(Mode(f"hybrid-{k}+{m}", _cap("hybrid", draws=m, seed=SEED, head_k=k),
-                            stored_width("hybrid", k, m)))
+            out.append(
+                Mode(
+                    f"hybrid-{k}+{m}", _cap("hybrid", draws=m, seed=SEED, head_k=k), MODES["hybrid"].stored_width(k, m)
+                )
+            )
     return out
 
 
 QUICK_MODES = ("topk-8", "topk-32", "topk-32 renorm", "topp-0.99", "sample-12", "hybrid-8+8")
-SENSITIVITY_MODES = ("topk-8", "topk-16", "topk-32", "topk-32 renorm", "sample-12", "sample-32", "hybrid-8+8",
-                     "hybrid-16+16")
+SENSITIVITY_MODES = (
+    "topk-8",
+    "topk-16",
+    "topk-32",
+    "topk-32 renorm",
+    "sample-12",
+    "sample-32",
+    "hybrid-8+8",
+    "hybrid-16+16",
+)
 
 
 # ------------------------------------------------------------------------------------------ data
 
+
 @dataclass
 class Block:
     domain: str
-    seqs: list                      # SimpleNamespace(sample_id, input_ids (T,), label_mask (T-1,))
-    t_hidden: object = None         # teacher final hidden states (B, T, H)
-    t_logprobs: object = None       # (N, V) fp32 teacher log-probs at the trained positions
-    s_hidden: object = None         # (N, H) student final hidden states
-    s_logits: object = None         # (N, V) fp32 student logits
-    exact_g: object = None          # (N, V) q − p: the exact gradient of KL(p‖q) w.r.t. the student logits
-    exact_g2: object = None         # (N,) its squared norms
-    exact_w: object = None          # (V, H) Σ_t (q_t − p_t) h_tᵀ
-    kl_rows: object = None          # (N,) exact KL(p_t ‖ q_t)
+    seqs: list  # SimpleNamespace(sample_id, input_ids (T,), label_mask (T-1,))
+    t_hidden: object = None  # teacher final hidden states (B, T, H)
+    t_logprobs: object = None  # (N, V) fp32 teacher log-probs at the trained positions
+    s_hidden: object = None  # (N, H) student final hidden states
+    s_logits: object = None  # (N, V) fp32 student logits
+    exact_g: object = None  # (N, V) q − p: the exact gradient of KL(p‖q) w.r.t. the student logits
+    exact_g2: object = None  # (N,) its squared norms
+    exact_w: object = None  # (V, H) Σ_t (q_t − p_t) h_tᵀ
+    kl_rows: object = None  # (N,) exact KL(p_t ‖ q_t)
     forward_s: float = 0.0
 
 
 def make_blocks(tok, n_seq: int, seq_len: int) -> list[Block]:
-    from storage_bench import _windows
+    from storage_bench import windows
 
-    from stage1_teacher import assets
+    from demo import assets
 
-    corpora = {"shakespeare": assets.shakespeare_docs(), "math": assets.champ_docs(split="test"),
-               "python": assets.python_stdlib_docs()}
+    corpora = {
+        "shakespeare": assets.shakespeare_docs(),
+        "math": assets.champ_docs(split="test"),
+        "python": assets.python_stdlib_docs(),
+    }
     blocks, sid = [], 0
     for name in DOMAINS:
-        win = _windows(corpora[name], tok, n_seq, seq_len, tok.eos_token_id)
+        win = windows(corpora[name], tok, n_seq, seq_len, tok.eos_token_id)
         for b in range(0, n_seq, BLOCK_SEQS):
             seqs = []
-            for row in win[b:b + BLOCK_SEQS]:
-                seqs.append(SimpleNamespace(sample_id=sid, input_ids=row.astype(np.int64),
-                                            label_mask=np.ones(len(row) - 1, dtype=bool)))
+            for row in win[b : b + BLOCK_SEQS]:
+                seqs.append(
+                    SimpleNamespace(
+                        sample_id=sid, input_ids=row.astype(np.int64), label_mask=np.ones(len(row) - 1, dtype=bool)
+                    )
+                )
                 sid += 1
             blocks.append(Block(name, seqs))
     return blocks
@@ -176,14 +198,15 @@ class CachedBase:
 
 # ------------------------------------------------------------------------------------------ student
 
+
 def sgd_gradient(model, tok, n_seq: int, seq_len: int) -> tuple[dict, dict]:
     """∇θ of the mean CE on CHAMP-train windows (the student's one fine-tuning step)."""
     import torch
-    from storage_bench import _windows
+    from storage_bench import windows
 
-    from stage1_teacher import assets
+    from demo import assets
 
-    win = _windows(assets.champ_docs(split="train"), tok, n_seq, seq_len, tok.eos_token_id)
+    win = windows(assets.champ_docs(split="train"), tok, n_seq, seq_len, tok.eos_token_id)
     m = copy.deepcopy(model).requires_grad_(True)
     x = torch.from_numpy(win).long()
     t0 = time.perf_counter()
@@ -191,8 +214,12 @@ def sgd_gradient(model, tok, n_seq: int, seq_len: int) -> tuple[dict, dict]:
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
     norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
-    info = {"data": f"CHAMP train split, {n_seq} windows x {seq_len} tokens", "ce": float(loss.detach()),
-            "grad_norm": norm, "seconds": time.perf_counter() - t0}
+    info = {
+        "data": f"CHAMP train split, {n_seq} windows x {seq_len} tokens",
+        "ce": float(loss.detach()),
+        "grad_norm": norm,
+        "seconds": time.perf_counter() - t0,
+    }
     del m
     return grads, info
 
@@ -217,13 +244,13 @@ def student_pass(student, blocks: list[Block]) -> dict:
         for blk in blocks:
             x = torch.from_numpy(np.stack([s.input_ids for s in blk.seqs])).long()
             h = student.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
-            h = h.reshape(-1, h.shape[-1])                                              # (N, H)
+            h = h.reshape(-1, h.shape[-1])  # (N, H)
             blk.s_hidden = h.float().clone()
             blk.s_logits = student.lm_head(h).float()
             p = blk.t_logprobs.exp()
-            blk.exact_g = torch.softmax(blk.s_logits, dim=1).sub_(p)                    # (N, V) d KL(p‖q) / dz
+            blk.exact_g = torch.softmax(blk.s_logits, dim=1).sub_(p)  # (N, V) d KL(p‖q) / dz
             blk.exact_g2 = torch.einsum("nv,nv->n", blk.exact_g, blk.exact_g).double()  # (N,)
-            blk.exact_w = blk.exact_g.T @ blk.s_hidden                                  # (V, H)
+            blk.exact_w = blk.exact_g.T @ blk.s_hidden  # (V, H)
             blk.kl_rows = (p * (blk.t_logprobs - torch.log_softmax(blk.s_logits, dim=1))).sum(1, dtype=torch.float64)
             kl[blk.domain][0] += float(blk.kl_rows.sum())
             kl[blk.domain][1] += blk.kl_rows.numel()
@@ -235,12 +262,13 @@ def student_pass(student, blocks: list[Block]) -> dict:
 
 # ------------------------------------------------------------------------------------------ capture
 
+
 def capture_all(engine, blocks: list[Block], modes: list[Mode], shard_dir: Path) -> dict:
     """Write one shard per mode; returns per-mode {bytes, trained, columns, post_s, stored_s, write_s}."""
     import pyarrow.parquet as pq
 
-    from stage1_teacher.run import _score, _stored
-    from storage import Encoding, ShardWriter, shard_name
+    from stage1_teacher.capture_modes import score_batch, stored_entries
+    from storage import Encoding, ShardWriter, mode_of, shard_name
 
     stub = CachedBase()
     real_base = engine._base
@@ -250,22 +278,27 @@ def capture_all(engine, blocks: list[Block], modes: list[Mode], shard_dir: Path)
     try:
         for m in own:
             path = shard_dir / m.name.replace(" ", "_") / shard_name(0, 1)
-            writers[m.name] = ShardWriter(path, fingerprint="fidelity-bench", k=m.width, vocab_size=engine.vocab_size,
-                                          encoding=Encoding(), variable=m.kind != "topk",
-                                          sampled=m.kind in ("sample", "hybrid"))
+            writers[m.name] = ShardWriter(
+                path,
+                fingerprint="fidelity-bench",
+                k=m.width,
+                vocab_size=engine.vocab_size,
+                encoding=Encoding(),
+                variable=mode_of(m.capture).variable,
+                sampled=mode_of(m.capture).sampled,
+            )
             res[m.name] = {"post_s": 0.0, "stored_s": 0.0, "write_s": 0.0, "path": path}
         # One untimed round on the first block: allocator and thread-pool warm-up for every mode.
         stub.hidden = blocks[0].t_hidden
         for m in own:
-            _score(engine, SimpleNamespace(capture=m.capture, k=m.width), blocks[0].seqs)
+            score_batch(engine, m.capture, m.width, blocks[0].seqs)
         for i, blk in enumerate(blocks):
             stub.hidden = blk.t_hidden
-            for m in own:       # modes interleaved within a block: load from other processes hits all alike
-                spec = SimpleNamespace(capture=m.capture, k=m.width)
+            for m in own:  # modes interleaved within a block: load from other processes hits all alike
                 t0 = time.perf_counter()
-                tops = _score(engine, spec, blk.seqs)
+                tops = score_batch(engine, m.capture, m.width, blk.seqs)
                 t1 = time.perf_counter()
-                stored = [_stored(m.capture, top, s.label_mask) for s, top in zip(blk.seqs, tops)]
+                stored = [stored_entries(m.capture, top, s.label_mask) for s, top in zip(blk.seqs, tops)]
                 t2 = time.perf_counter()
                 for s, st in zip(blk.seqs, stored):
                     writers[m.name].add(s.sample_id, s.input_ids, s.label_mask, *st)
@@ -303,6 +336,7 @@ def capture_all(engine, blocks: list[Block], modes: list[Mode], shard_dir: Path)
 
 # ------------------------------------------------------------------------------------------ fidelity
 
+
 def _cos(a, b) -> float:
     import torch
 
@@ -314,28 +348,48 @@ def fidelity(mode: Mode, path: Path, blocks: list[Block]) -> dict:
     """Per-position and lm_head gradient agreement of the stored labels (read back) with the exact KL."""
     import torch
 
+    from stage2_student.batch import collate_labels, with_kl_target_weights
     from stage2_student.losses import fused_ce_kl_sums
-    from stage2_student.targets import to_targets
     from storage import ShardReader
-    from storage.torch_data import collate_labels
 
     rows = list(ShardReader(path))
     it = iter(rows)
-    acc = {d: {"cos": 0.0, "mass": 0.0, "entries": 0.0, "kl_seen": 0.0, "kl_exact": 0.0, "g2": 0.0, "e2": 0.0, "n": 0,
-               "block_cos": [], "block_norm": []} for d in DOMAINS}
+    acc = {
+        d: {
+            "cos": 0.0,
+            "mass": 0.0,
+            "entries": 0.0,
+            "kl_seen": 0.0,
+            "kl_exact": 0.0,
+            "g2": 0.0,
+            "e2": 0.0,
+            "n": 0,
+            "block_cos": [],
+            "block_norm": [],
+        }
+        for d in DOMAINS
+    }
     w_total = None
     for blk in blocks:
         seq_rows = [next(it) for _ in blk.seqs]
         if [r.sample_id for r in seq_rows] != [s.sample_id for s in blk.seqs]:
             raise RuntimeError(f"{mode.name}: shard rows out of order")
-        batch = to_targets(collate_labels(seq_rows), mode.capture)
+        batch = with_kl_target_weights(collate_labels(seq_rows), mode.capture)
         labels = batch["labels"][batch["label_mask"]]
         z = blk.s_logits.clone().requires_grad_(True)
-        out = fused_ce_kl_sums(z, labels, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"],
-                               ce_weight=0.0, kl_weight=1.0, tail=mode.loss_tail)
+        out = fused_ce_kl_sums(
+            z,
+            labels,
+            batch["topk_ids"],
+            batch["topk_logprobs"],
+            batch["tail_logprob"],
+            ce_weight=0.0,
+            kl_weight=1.0,
+            tail=mode.loss_tail,
+        )
         out.total.backward()
         with torch.no_grad():
-            g = z.grad                                                       # (N, V)
+            g = z.grad  # (N, V)
             e = blk.exact_g
             dot = torch.einsum("nv,nv->n", g, e).double()
             gn2, en2 = torch.einsum("nv,nv->n", g, g).double(), blk.exact_g2
@@ -344,7 +398,7 @@ def fidelity(mode: Mode, path: Path, blocks: list[Block]) -> dict:
             valid = ids >= 0
             mass = torch.where(valid, blk.t_logprobs.gather(1, ids.clamp(min=0)).exp(), 0.0).sum(1, dtype=torch.float64)
             kl_exact = blk.kl_rows
-            gw = g.T @ blk.s_hidden                                          # (V, H)
+            gw = g.T @ blk.s_hidden  # (V, H)
             a = acc[blk.domain]
             a["cos"] += float(cos_rows.sum())
             a["mass"] += float(mass.sum())
@@ -359,20 +413,29 @@ def fidelity(mode: Mode, path: Path, blocks: list[Block]) -> dict:
             w_total = gw if w_total is None else w_total.add_(gw)
         del z, g, out, gw
     exact_total = sum(b.exact_w for b in blocks)
-    res = {"lm_head_cos_all": _cos(w_total, exact_total), "lm_head_norm_ratio_all": float(w_total.norm() / exact_total.norm()),
-           "positions": sum(a["n"] for a in acc.values())}
+    res = {
+        "lm_head_cos_all": _cos(w_total, exact_total),
+        "lm_head_norm_ratio_all": float(w_total.norm() / exact_total.norm()),
+        "positions": sum(a["n"] for a in acc.values()),
+    }
 
     def summarize(keys):
         parts = [acc[d] for d in keys if acc[d]["n"]]
         n = sum(a["n"] for a in parts)
         bc = [c for a in parts for c in a["block_cos"]]
         bn = [c for a in parts for c in a["block_norm"]]
-        return {"cos_pos": sum(a["cos"] for a in parts) / n, "mass": sum(a["mass"] for a in parts) / n,
-                "entries": sum(a["entries"] for a in parts) / n,
-                "kl_seen_ratio": sum(a["kl_seen"] for a in parts) / sum(a["kl_exact"] for a in parts),
-                "grad_norm_ratio_pos": math.sqrt(sum(a["g2"] for a in parts) / sum(a["e2"] for a in parts)),
-                "lm_head_cos_block_mean": float(np.mean(bc)), "lm_head_cos_block_min": float(np.min(bc)),
-                "lm_head_norm_ratio_block": float(np.mean(bn)), "positions": n, "blocks": len(bc)}
+        return {
+            "cos_pos": sum(a["cos"] for a in parts) / n,
+            "mass": sum(a["mass"] for a in parts) / n,
+            "entries": sum(a["entries"] for a in parts) / n,
+            "kl_seen_ratio": sum(a["kl_seen"] for a in parts) / sum(a["kl_exact"] for a in parts),
+            "grad_norm_ratio_pos": math.sqrt(sum(a["g2"] for a in parts) / sum(a["e2"] for a in parts)),
+            "lm_head_cos_block_mean": float(np.mean(bc)),
+            "lm_head_cos_block_min": float(np.min(bc)),
+            "lm_head_norm_ratio_block": float(np.mean(bn)),
+            "positions": n,
+            "blocks": len(bc),
+        }
 
     res["all"] = summarize(DOMAINS)
     res["domains"] = {d: summarize([d]) for d in DOMAINS if acc[d]["n"]}
@@ -380,6 +443,7 @@ def fidelity(mode: Mode, path: Path, blocks: list[Block]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
+
 
 def _f(x, nd=3):
     return "—" if x is None else f"{x:.{nd}f}"
@@ -389,21 +453,50 @@ def main_table(results: dict, modes: list[Mode], bp: int) -> str:
     ref = results["topk-32"]["capture"]
     fwd = results["_forward_s"]
     rows = []
-    for m in sorted(modes, key=lambda m: (results[m.name]["capture"]["bytes"] / results[m.name]["capture"]["trained"],
-                                          m.name)):
+    for m in sorted(
+        modes, key=lambda m: (results[m.name]["capture"]["bytes"] / results[m.name]["capture"]["trained"], m.name)
+    ):
         r = results[m.name]
         c, f = r["capture"], r["fidelity"]["all"]
         bpt = c["bytes"] / c["trained"]
         post = c["post_s"] + c["stored_s"]
         rel = (fwd + post) / (fwd + ref["post_s"] + ref["stored_s"])
         kl_seen = f["kl_seen_ratio"] if m.kind in ("topk", "topp") else None
-        rows.append([m.name, f"{bpt:.1f}", f"{f['entries']:.1f}", _f(f["mass"], 4), _f(f["cos_pos"]),
-                     _f(f["lm_head_cos_block_mean"], 4), _f(f["lm_head_cos_block_min"], 4),
-                     _f(r["fidelity"]["lm_head_cos_all"], 5), _f(kl_seen), _f(f["grad_norm_ratio_pos"], 2),
-                     _f(f["lm_head_norm_ratio_block"], 2), f"{rel:.2f}", f"{post / ref_post(ref):.1f}"])
-    return table(["mode", "B/tok", "entries/pos", "mass", "cos/pos", f"lm_head cos {bp:,} (mean)", "(min)",
-                  "lm_head cos all", "KL seen", "‖g‖/‖g*‖ pos", f"‖G‖/‖G*‖ {bp:,}", "capture × topk-32",
-                  "post-fwd × topk-32"], rows)
+        rows.append(
+            [
+                m.name,
+                f"{bpt:.1f}",
+                f"{f['entries']:.1f}",
+                _f(f["mass"], 4),
+                _f(f["cos_pos"]),
+                _f(f["lm_head_cos_block_mean"], 4),
+                _f(f["lm_head_cos_block_min"], 4),
+                _f(r["fidelity"]["lm_head_cos_all"], 5),
+                _f(kl_seen),
+                _f(f["grad_norm_ratio_pos"], 2),
+                _f(f["lm_head_norm_ratio_block"], 2),
+                f"{rel:.2f}",
+                f"{post / ref_post(ref):.1f}",
+            ]
+        )
+    return table(
+        [
+            "mode",
+            "B/tok",
+            "entries/pos",
+            "mass",
+            "cos/pos",
+            f"lm_head cos {bp:,} (mean)",
+            "(min)",
+            "lm_head cos all",
+            "KL seen",
+            "‖g‖/‖g*‖ pos",
+            f"‖G‖/‖G*‖ {bp:,}",
+            "capture × topk-32",
+            "post-fwd × topk-32",
+        ],
+        rows,
+    )
 
 
 def ref_post(ref: dict) -> float:
@@ -420,8 +513,12 @@ def domain_table(results: dict, modes: list[Mode]) -> str:
             if x is None:
                 cells += ["—"] * 4
                 continue
-            cells += [_f(x["mass"], 3), _f(x["cos_pos"], 3), _f(x["lm_head_cos_block_mean"], 4),
-                      _f(x["kl_seen_ratio"], 2) if m.kind in ("topk", "topp") else "—"]
+            cells += [
+                _f(x["mass"], 3),
+                _f(x["cos_pos"], 3),
+                _f(x["lm_head_cos_block_mean"], 4),
+                _f(x["kl_seen_ratio"], 2) if m.kind in ("topk", "topp") else "—",
+            ]
         rows.append(cells)
     hdr = ["mode"] + [f"{d} {c}" for d in DOMAINS for c in ("mass", "cos/pos", "lm_head cos", "KL seen")]
     return table(hdr, rows)
@@ -435,26 +532,49 @@ def bytes_table(results: dict, modes: list[Mode]) -> str:
         c = results[m.name]["capture"]
         n = c["trained"]
         cols = c["columns"]
-        rows.append([m.name, f"{c['bytes'] / n:.1f}", f"{cols.get('topk_ids', 0) / n:.1f}",
-                     f"{cols.get('topk_logprobs', 0) / n:.1f}", f"{cols.get('tail_logprob', 0) / n:.1f}",
-                     f"{(cols.get('label_counts', 0)) / n:.1f}", f"{cols.get('sample_counts', 0) / n:.1f}",
-                     f"{(cols.get('input_ids', 0) + cols.get('label_mask', 0) + cols.get('sample_id', 0) + cols['footer+header']) / n:.1f}"])
-    return table(["mode", "B/tok", "ids", "log-probs", "tail", "label_counts", "sample_counts", "input_ids+mask+footer"],
-                 rows)
+        other = cols.get("input_ids", 0) + cols.get("label_mask", 0) + cols.get("sample_id", 0) + cols["footer+header"]
+        rows.append(
+            [
+                m.name,
+                f"{c['bytes'] / n:.1f}",
+                f"{cols.get('topk_ids', 0) / n:.1f}",
+                f"{cols.get('topk_logprobs', 0) / n:.1f}",
+                f"{cols.get('tail_logprob', 0) / n:.1f}",
+                f"{(cols.get('label_counts', 0)) / n:.1f}",
+                f"{cols.get('sample_counts', 0) / n:.1f}",
+                f"{other / n:.1f}",
+            ]
+        )
+    return table(
+        ["mode", "B/tok", "ids", "log-probs", "tail", "label_counts", "sample_counts", "input_ids+mask+footer"], rows
+    )
 
 
 def verdicts(results: dict, modes: list[Mode]) -> dict:
-    out = {"perf_target": f"<= {TARGET_PERF[0]:.0f} B/trained token with gradient cosine >= {TARGET_PERF[1]}",
-           "fid_target": f"<= {TARGET_FID:.0f} B/trained token"}
+    out = {
+        "perf_target": f"<= {TARGET_PERF[0]:.0f} B/trained token with gradient cosine >= {TARGET_PERF[1]}",
+        "fid_target": f"<= {TARGET_FID:.0f} B/trained token",
+    }
     rows = []
     for m in modes:
         r = results[m.name]
         bpt = r["capture"]["bytes"] / r["capture"]["trained"]
         f = r["fidelity"]["all"]
-        rows.append({"mode": m.name, "bpt": bpt, "cos_pos": f["cos_pos"], "lmblk": f["lm_head_cos_block_mean"],
-                     "lm_all": r["fidelity"]["lm_head_cos_all"]})
-    out["meets_perf_per_position"] = [r["mode"] for r in rows if r["bpt"] <= TARGET_PERF[0] and r["cos_pos"] >= TARGET_PERF[1]]
-    out["meets_perf_lm_head_block"] = [r["mode"] for r in rows if r["bpt"] <= TARGET_PERF[0] and r["lmblk"] >= TARGET_PERF[1]]
+        rows.append(
+            {
+                "mode": m.name,
+                "bpt": bpt,
+                "cos_pos": f["cos_pos"],
+                "lmblk": f["lm_head_cos_block_mean"],
+                "lm_all": r["fidelity"]["lm_head_cos_all"],
+            }
+        )
+    out["meets_perf_per_position"] = [
+        r["mode"] for r in rows if r["bpt"] <= TARGET_PERF[0] and r["cos_pos"] >= TARGET_PERF[1]
+    ]
+    out["meets_perf_lm_head_block"] = [
+        r["mode"] for r in rows if r["bpt"] <= TARGET_PERF[0] and r["lmblk"] >= TARGET_PERF[1]
+    ]
     under40 = sorted([r for r in rows if r["bpt"] <= TARGET_FID], key=lambda r: -r["lmblk"])
     out["best_under_40_by_lm_head_block"] = [(r["mode"], round(r["bpt"], 1), round(r["lmblk"], 4)) for r in under40]
     under60 = sorted([r for r in rows if r["bpt"] <= TARGET_PERF[0]], key=lambda r: -r["lmblk"])
@@ -464,16 +584,17 @@ def verdicts(results: dict, modes: list[Mode]) -> dict:
 
 # ------------------------------------------------------------------------------------------ bench
 
+
 def run_bench(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from stage1_teacher import assets
+    from demo import assets
     from stage1_teacher.engines.hf_engine import HFEngine
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    machine = machine_info()   # the load average at the start; other sessions share these cores
+    machine = machine_info()  # the load average at the start; other sessions share these cores
     modes = all_modes()
     if args.modes:
         want = [s.strip() for s in args.modes.split(",")]
@@ -494,10 +615,13 @@ def run_bench(args) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     engine = HFEngine(str(path), dtype="float32", device="cpu", chunk_positions=1024)
     if not engine._chunked:
-        raise SystemExit("HFEngine fell back to full forwards for SmolLM2; the cached-hidden-state capture needs its "
-                         "chunked path")
-    log(f"[fidelity] teacher {path} (fp32, {engine.vocab_size} tokens); {len(modes)} modes; "
-        f"{len(DOMAINS)} domains x {n_seq} x {seq_len - 1} positions")
+        raise SystemExit(
+            "HFEngine fell back to full forwards for SmolLM2; the cached-hidden-state capture needs its chunked path"
+        )
+    log(
+        f"[fidelity] teacher {path} (fp32, {engine.vocab_size} tokens); {len(modes)} modes; "
+        f"{len(DOMAINS)} domains x {n_seq} x {seq_len - 1} positions"
+    )
     blocks = make_blocks(tok, n_seq, seq_len)
 
     # 1. teacher: final hidden states once per block (timed), full log-probs for the exact reference
@@ -520,8 +644,10 @@ def run_bench(args) -> dict:
     student = make_student(engine.model, grads, lrs[0])
     kl_student = student_pass(student, blocks)
     step_info |= {"lr": lrs[0], "exact_kl_teacher_student": kl_student}
-    log(f"[fidelity] student: one SGD step, lr {lrs[0]}, |grad| {step_info['grad_norm']:.2f}; exact KL(p‖q) "
-        + ", ".join(f"{d} {v:.4f}" for d, v in kl_student.items()))
+    log(
+        f"[fidelity] student: one SGD step, lr {lrs[0]}, |grad| {step_info['grad_norm']:.2f}; exact KL(p‖q) "
+        + ", ".join(f"{d} {v:.4f}" for d, v in kl_student.items())
+    )
 
     # 3. capture: one real shard per mode
     work = Path(tempfile.mkdtemp(prefix="fidelity_bench_"))
@@ -535,9 +661,12 @@ def run_bench(args) -> dict:
             t0 = time.perf_counter()
             results[m.name]["fidelity"] = fidelity(m, cap[m.name]["path"], blocks)
             f = results[m.name]["fidelity"]
-            log(f"  {m.name:16s} {cap[m.name]['bytes'] / cap[m.name]['trained']:6.1f} B/tok  mass {f['all']['mass']:.4f}  "
+            log(
+                f"  {m.name:16s} {cap[m.name]['bytes'] / cap[m.name]['trained']:6.1f} B/tok  "
+                f"mass {f['all']['mass']:.4f}  "
                 f"cos/pos {f['all']['cos_pos']:.3f}  lm_head block {f['all']['lm_head_cos_block_mean']:.4f}  "
-                f"all {f['lm_head_cos_all']:.5f}  ({time.perf_counter() - t0:.0f} s)")
+                f"all {f['lm_head_cos_all']:.5f}  ({time.perf_counter() - t0:.0f} s)"
+            )
         # 5. sensitivity: larger steps, a subset of the modes (same shards)
         sensitivity = []
         del student
@@ -553,9 +682,13 @@ def run_bench(args) -> dict:
             for m in modes:
                 if m.name in SENSITIVITY_MODES or args.quick:
                     f = fidelity(m, cap[m.name]["path"], blocks)
-                    entry["modes"][m.name] = {"cos_pos": f["all"]["cos_pos"], "lm_head_cos_block_mean": f["all"]["lm_head_cos_block_mean"],
-                                              "lm_head_cos_block_min": f["all"]["lm_head_cos_block_min"],
-                                              "lm_head_cos_all": f["lm_head_cos_all"], "kl_seen_ratio": f["all"]["kl_seen_ratio"]}
+                    entry["modes"][m.name] = {
+                        "cos_pos": f["all"]["cos_pos"],
+                        "lm_head_cos_block_mean": f["all"]["lm_head_cos_block_mean"],
+                        "lm_head_cos_block_min": f["all"]["lm_head_cos_block_min"],
+                        "lm_head_cos_all": f["lm_head_cos_all"],
+                        "kl_seen_ratio": f["all"]["kl_seen_ratio"],
+                    }
             sensitivity.append(entry)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -570,14 +703,19 @@ def run_bench(args) -> dict:
         rows = []
         for name in names:
             r0 = results[name]["fidelity"]
-            cells = [name, f"{r0['all']['cos_pos']:.3f} / {r0['all']['lm_head_cos_block_mean']:.4f} / "
-                           f"{r0['lm_head_cos_all']:.4f}"]
+            cells = [
+                name,
+                f"{r0['all']['cos_pos']:.3f} / {r0['all']['lm_head_cos_block_mean']:.4f} / {r0['lm_head_cos_all']:.4f}",
+            ]
             for e in sensitivity:
                 x = e["modes"][name]
                 cells.append(f"{x['cos_pos']:.3f} / {x['lm_head_cos_block_mean']:.4f} / {x['lm_head_cos_all']:.4f}")
             rows.append(cells)
-        sens = table(["mode", f"lr {lrs[0]} (KL {kl_student['all']:.3f}): cos/pos / lm_head {bp:,} / lm_head all"]
-                     + [f"lr {e['lr']} (KL {e['exact_kl_teacher_student']['all']:.3f})" for e in sensitivity], rows)
+        sens = table(
+            ["mode", f"lr {lrs[0]} (KL {kl_student['all']:.3f}): cos/pos / lm_head {bp:,} / lm_head all"]
+            + [f"lr {e['lr']} (KL {e['exact_kl_teacher_student']['all']:.3f})" for e in sensitivity],
+            rows,
+        )
     v = verdicts(results, modes)
     wall = time.perf_counter() - t_start
     print("\n## Capture modes: bytes vs gradient fidelity (sorted by bytes per trained token)\n")
@@ -594,15 +732,30 @@ def run_bench(args) -> dict:
     print(f"\n[fidelity] wall {wall / 60:.1f} min")
 
     out = {
-        "bench": "fidelity_bench", "quick": args.quick, "wall_s": wall, "machine": machine,
+        "bench": "fidelity_bench",
+        "quick": args.quick,
+        "wall_s": wall,
+        "machine": machine,
         "loadavg_at_end": os.getloadavg(),
-        "setup": {"teacher": str(path), "dtype": "float32", "domains": list(DOMAINS), "sequences_per_domain": n_seq,
-                  "positions_per_sequence": seq_len - 1, "positions": positions, "block_positions": BLOCK_SEQS * (seq_len - 1),
-                  "encoding": "storage.Encoding() (ids plain + BYTE_STREAM_SPLIT, q8gap 1/12, f16 tail, zstd 6)",
-                  "student_step": step_info, "teacher_forward_s": forward_s, "seed": SEED},
-        "modes": {m.name: {"capture_spec": m.capture, "width": m.width, "loss_tail": m.loss_tail, **results[m.name]}
-                  for m in modes},
-        "sensitivity": sensitivity, "verdicts": v,
+        "setup": {
+            "teacher": str(path),
+            "dtype": "float32",
+            "domains": list(DOMAINS),
+            "sequences_per_domain": n_seq,
+            "positions_per_sequence": seq_len - 1,
+            "positions": positions,
+            "block_positions": BLOCK_SEQS * (seq_len - 1),
+            "encoding": "storage.Encoding() (ids plain + BYTE_STREAM_SPLIT, q8gap 1/12, f16 tail, zstd 6)",
+            "student_step": step_info,
+            "teacher_forward_s": forward_s,
+            "seed": SEED,
+        },
+        "modes": {
+            m.name: {"capture_spec": m.capture, "width": m.width, "loss_tail": m.loss_tail, **results[m.name]}
+            for m in modes
+        },
+        "sensitivity": sensitivity,
+        "verdicts": v,
         "tables": {"main": main, "domains": doms, "bytes": cols, "sensitivity": sens},
     }
     dest = OUT / ("fidelity_bench_quick.json" if args.quick else "fidelity_bench.json")
@@ -617,17 +770,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seqs", type=int, default=None, help="sequences per domain (a multiple of 4; default 8, quick 4)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 257, quick 65)")
     ap.add_argument("--modes", default=None, help="comma-separated subset of the mode names")
-    ap.add_argument("--student-lrs", default=None,
-                    help="SGD step sizes of the student; the first is the main one, the others re-measure a subset "
-                         "(default '0.03,0.1'; quick '0.03')")
+    ap.add_argument(
+        "--student-lrs",
+        default=None,
+        help="SGD step sizes of the student; the first is the main one, the others re-measure a subset "
+        "(default '0.03,0.1'; quick '0.03')",
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train", action="store_true",
-                    help="the training-outcome comparison instead: bench/fidelity_train.py with the other arguments")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--train" in argv:
-        from fidelity_train import main as train_main
-
-        return train_main([a for a in argv if a != "--train"])
     args = ap.parse_args(argv)
     args.seqs = args.seqs or (4 if args.quick else 8)
     args.seq_len = args.seq_len or (65 if args.quick else SEQ_LEN)

@@ -4,7 +4,6 @@
     python bench/fidelity_train.py                   # 2 seeds x (λ=0, online, 8 offline modes), 20 steps each:
                                                      # ~10 min a run on 2 CPU cores, ~3 h in all; resumable
     python bench/fidelity_train.py --seeds 0 --modes topk-32,sample-12 --steps 2 --eval-seqs 2   # smoke, ~6 min
-    python bench/fidelity_bench.py --train ...       # the same, through the capture-mode bench
 
 What one run is
     SmolLM2-135M-Instruct (fp32, CPU) fine-tuned on CHAMP competition math (train split), seq_len 128,
@@ -28,6 +27,7 @@ Every finished run appends a line to <work>/rows.jsonl (settings fingerprint, mo
 or timed-out bench resumes where it stopped; `--report` only rebuilds the table, JSON and plot from that file.
 Writes bench/out/fidelity_train.json (fidelity_train_smoke.json under 20 steps) and docs/fidelity_tradeoff.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +73,15 @@ def mode_settings(name: str, seed: int) -> tuple[dict, dict, str]:
 
 
 def settings_key(args) -> dict:
-    return {"steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "lr": args.lr,
-            "eval_sequences": args.eval_seqs, "kl_weight": 1.0, "version": 2}
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "eval_sequences": args.eval_seqs,
+        "kl_weight": 1.0,
+        "version": 2,
+    }
 
 
 def fingerprint(settings: dict) -> str:
@@ -117,7 +124,7 @@ def median_step_s(out_dir: Path) -> float | None:
 def run_all(args) -> list[dict]:
     import torch
 
-    from stage1_teacher import assets
+    from demo import assets
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.run import run as run_teacher
     from stage2_student.config import StudentConfig
@@ -134,8 +141,12 @@ def run_all(args) -> list[dict]:
     done = {(r["label"], r["seed"]) for r in load_rows(rows_path, fp)}
     model = assets.smollm2_path()
     data = work / "data"
-    files = {"train": data / "math_train.jsonl", "target": data / "math_test.jsonl",
-             "prose": data / "prose.jsonl", "code": data / "code.jsonl"}
+    files = {
+        "train": data / "math_train.jsonl",
+        "target": data / "math_test.jsonl",
+        "prose": data / "prose.jsonl",
+        "code": data / "code.jsonl",
+    }
     if not all(p.exists() for p in files.values()):
         assets.write_jsonl(assets.champ_docs(split="train"), files["train"])
         assets.write_jsonl(assets.champ_docs(split="test"), files["target"])
@@ -148,11 +159,25 @@ def run_all(args) -> list[dict]:
         run_dir = work / f"runs-{fp}" / run_name
         if not (run_dir / "manifest.json").exists():
             t0 = time.perf_counter()
-            s = run_teacher(TeacherConfig(model=str(model), data=str(files["train"]), out=run_dir,
-                                          seq_len=args.seq_len, max_samples=n_seq, num_shards=1, batch_size=8,
-                                          engine="hf", dtype="float32", device="cpu", **tcfg))
-            log(f"[train] stage 1 {run_name}: {s['run']['bytes_per_trained_token']:.1f} B/trained token, "
-                f"{time.perf_counter() - t0:.0f} s")
+            s = run_teacher(
+                TeacherConfig(
+                    model=str(model),
+                    data=str(files["train"]),
+                    out=run_dir,
+                    seq_len=args.seq_len,
+                    max_samples=n_seq,
+                    num_shards=1,
+                    batch_size=8,
+                    engine="hf",
+                    dtype="float32",
+                    device="cpu",
+                    **tcfg,
+                )
+            )
+            log(
+                f"[train] stage 1 {run_name}: {s['run']['bytes_per_trained_token']:.1f} B/trained token, "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
         return run_dir
 
     for seed in args.seeds:
@@ -166,23 +191,56 @@ def run_all(args) -> list[dict]:
             out_dir = work / "students" / f"{label.split(' ')[0]}-seed{seed}"
             shutil.rmtree(out_dir, ignore_errors=True)
             t0 = time.perf_counter()
-            s = run_student(StudentConfig(
-                run_dir=run_dir, out=out_dir, max_steps=args.steps, batch_size=args.batch, lr=args.lr,
-                warmup_steps=3, lr_schedule="constant", max_grad_norm=1.0, seed=seed, verify="size",
-                **{"kl_weight": 1.0, **scfg, **extra}))
+            s = run_student(
+                StudentConfig(
+                    run_dir=run_dir,
+                    out=out_dir,
+                    max_steps=args.steps,
+                    batch_size=args.batch,
+                    lr=args.lr,
+                    warmup_steps=3,
+                    lr_schedule="constant",
+                    max_grad_norm=1.0,
+                    seed=seed,
+                    verify="size",
+                    **{"kl_weight": 1.0, **scfg, **extra},
+                )
+            )
             train_s = time.perf_counter() - t0
-            ev = evaluate_models({label: s["model_dir"]}, str(model), corpora, seq_len=args.seq_len, batch_size=8,
-                                 max_sequences=args.eval_seqs, device="cpu", dtype="fp32")[label]["corpora"]
-            shutil.rmtree(out_dir / "model", ignore_errors=True)   # 540 MB each: keep config and metrics only
+            ev = evaluate_models(
+                {label: s["model_dir"]},
+                str(model),
+                corpora,
+                seq_len=args.seq_len,
+                batch_size=8,
+                max_sequences=args.eval_seqs,
+                device="cpu",
+                dtype="fp32",
+            )[label]["corpora"]
+            shutil.rmtree(out_dir / "model", ignore_errors=True)  # 540 MB each: keep config and metrics only
             man = load_manifest(run_dir)
-            row = {"fingerprint": fp, "settings": settings, "label": label, "mode": mode, "seed": seed,
-                   "bytes_per_trained_token": None if label in (LAMBDA0, ONLINE) else man.bytes / man.trained_tokens,
-                   "target_nll": ev["target"]["nll"], "prose_kl": ev["prose"]["kl"], "code_kl": ev["code"]["kl"],
-                   "prose_nll": ev["prose"]["nll"], "code_nll": ev["code"]["nll"], "train_s": train_s,
-                   "step_s": median_step_s(out_dir), "final": s["final"], "machine": machine_info()}
+            row = {
+                "fingerprint": fp,
+                "settings": settings,
+                "label": label,
+                "mode": mode,
+                "seed": seed,
+                "bytes_per_trained_token": None if label in (LAMBDA0, ONLINE) else man.bytes / man.trained_tokens,
+                "target_nll": ev["target"]["nll"],
+                "prose_kl": ev["prose"]["kl"],
+                "code_kl": ev["code"]["kl"],
+                "prose_nll": ev["prose"]["nll"],
+                "code_nll": ev["code"]["nll"],
+                "train_s": train_s,
+                "step_s": median_step_s(out_dir),
+                "final": s["final"],
+                "machine": machine_info(),
+            }
             append_row(rows_path, row)
-            log(f"[train] seed {seed} {label}: target NLL {row['target_nll']:.3f}, KL prose {row['prose_kl']:.4f}, "
-                f"code {row['code_kl']:.4f}, {train_s:.0f} s")
+            log(
+                f"[train] seed {seed} {label}: target NLL {row['target_nll']:.3f}, KL prose {row['prose_kl']:.4f}, "
+                f"code {row['code_kl']:.4f}, {train_s:.0f} s"
+            )
     return load_rows(rows_path, fp)
 
 
@@ -208,17 +266,31 @@ def summarize(rows: list[dict]) -> list[dict]:
                 z, o = ref[LAMBDA0], ref[ONLINE]
                 for key in ("prose", "code"):
                     shares[key].append(_share(z[f"{key}_kl"], o[f"{key}_kl"], r[f"{key}_kl"]))
-                shares["both"].append(_share(z["prose_kl"] + z["code_kl"], o["prose_kl"] + o["code_kl"],
-                                             r["prose_kl"] + r["code_kl"]))
+                shares["both"].append(
+                    _share(z["prose_kl"] + z["code_kl"], o["prose_kl"] + o["code_kl"], r["prose_kl"] + r["code_kl"])
+                )
                 d_target.append(r["target_nll"] - o["target_nll"])
-        mean = lambda key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+
+        def mean(key, rs=rs):
+            return statistics.fmean(r[key] for r in rs)
+
         steps = [r["step_s"] for r in rs if r.get("step_s")]
-        out.append({"label": label, "mode": rs[0]["mode"], "seeds": [r["seed"] for r in rs],
-                    "bytes_per_trained_token": rs[0]["bytes_per_trained_token"],
-                    "target_nll": mean("target_nll"), "prose_kl": mean("prose_kl"), "code_kl": mean("code_kl"),
-                    "prose_nll": mean("prose_nll"), "code_nll": mean("code_nll"),
-                    "target_nll_minus_online": d_target, "step_s": statistics.median(steps) if steps else None,
-                    "recovered": {k: [x for x in v if x is not None] for k, v in shares.items()}})
+        out.append(
+            {
+                "label": label,
+                "mode": rs[0]["mode"],
+                "seeds": [r["seed"] for r in rs],
+                "bytes_per_trained_token": rs[0]["bytes_per_trained_token"],
+                "target_nll": mean("target_nll"),
+                "prose_kl": mean("prose_kl"),
+                "code_kl": mean("code_kl"),
+                "prose_nll": mean("prose_nll"),
+                "code_nll": mean("code_nll"),
+                "target_nll_minus_online": d_target,
+                "step_s": statistics.median(steps) if steps else None,
+                "recovered": {k: [x for x in v if x is not None] for k, v in shares.items()},
+            }
+        )
     return out
 
 
@@ -233,31 +305,67 @@ def report(rows: list[dict], settings: dict, wall: float | None, smoke: bool) ->
     summary = summarize(rows)
     online_step = next((s["step_s"] for s in summary if s["label"] == ONLINE), None)
     plain_step = next((s["step_s"] for s in summary if s["label"] == LAMBDA0), None)
-    hdr = ["method", "B/trained token", "target NLL", "Δ target vs online (per seed)", "KL prose", "KL code",
-           "recovered: prose", "recovered: code", "recovered: both"]
-    tab = table(hdr, [[s["label"], "—" if s["bytes_per_trained_token"] is None else f"{s['bytes_per_trained_token']:.1f}",
-                       f"{s['target_nll']:.3f}", " ".join(f"{d:+.3f}" for d in s["target_nll_minus_online"]) or "—",
-                       f"{s['prose_kl']:.4f}", f"{s['code_kl']:.4f}", _range(s["recovered"]["prose"]),
-                       _range(s["recovered"]["code"]), _range(s["recovered"]["both"])]
-                      for s in sorted(summary, key=lambda s: (s["bytes_per_trained_token"] or 0, s["label"]))])
+    hdr = [
+        "method",
+        "B/trained token",
+        "target NLL",
+        "Δ target vs online (per seed)",
+        "KL prose",
+        "KL code",
+        "recovered: prose",
+        "recovered: code",
+        "recovered: both",
+    ]
+    tab = table(
+        hdr,
+        [
+            [
+                s["label"],
+                "—" if s["bytes_per_trained_token"] is None else f"{s['bytes_per_trained_token']:.1f}",
+                f"{s['target_nll']:.3f}",
+                " ".join(f"{d:+.3f}" for d in s["target_nll_minus_online"]) or "—",
+                f"{s['prose_kl']:.4f}",
+                f"{s['code_kl']:.4f}",
+                _range(s["recovered"]["prose"]),
+                _range(s["recovered"]["code"]),
+                _range(s["recovered"]["both"]),
+            ]
+            for s in sorted(summary, key=lambda s: (s["bytes_per_trained_token"] or 0, s["label"]))
+        ],
+    )
     print(f"\n## Training outcome (λ=1; seeds {sorted({r['seed'] for r in rows})}; mean [min, max] over seeds)\n")
     print(tab)
-    best = [s for s in summary if s["bytes_per_trained_token"] and s["bytes_per_trained_token"] <= TARGET_BYTES
-            and s["recovered"]["both"]]
+    best = [
+        s
+        for s in summary
+        if s["bytes_per_trained_token"] and s["bytes_per_trained_token"] <= TARGET_BYTES and s["recovered"]["both"]
+    ]
     verdict = None
     if best:
         b = max(best, key=lambda s: statistics.fmean(s["recovered"]["both"]))
         share = statistics.fmean(b["recovered"]["both"])
-        verdict = (f"best mode at <= {TARGET_BYTES:.0f} B/trained token: {b['label']} "
-                   f"({b['bytes_per_trained_token']:.1f} B, recovers {share:.0%} of online's retention benefit; "
-                   f"target {'met' if share >= TARGET_SHARE else 'missed'}: >= {TARGET_SHARE:.0%})")
+        verdict = (
+            f"best mode at <= {TARGET_BYTES:.0f} B/trained token: {b['label']} "
+            f"({b['bytes_per_trained_token']:.1f} B, recovers {share:.0%} of online's retention benefit; "
+            f"target {'met' if share >= TARGET_SHARE else 'missed'}: >= {TARGET_SHARE:.0%})"
+        )
         print("\n" + verdict)
     if online_step and plain_step:  # wall time as the bench ran: indicative only on a shared machine
-        print(f"online teacher step time ÷ λ=0 step time (median wall time; indicative only where other work "
-              f"shared the machine, the controlled ratios are bench/student_bench.py's): {online_step / plain_step:.2f}")
-    out = {"bench": "fidelity_train", "smoke": smoke, "wall_s": wall, "settings": settings,
-           "machine": rows[-1]["machine"] if rows else machine_info(), "summary": summary, "rows": rows,
-           "verdict": verdict, "table": tab}
+        print(
+            f"online teacher step time ÷ λ=0 step time (median wall time; indicative only where other work "
+            f"shared the machine, the controlled ratios are bench/student_bench.py's): {online_step / plain_step:.2f}"
+        )
+    out = {
+        "bench": "fidelity_train",
+        "smoke": smoke,
+        "wall_s": wall,
+        "settings": settings,
+        "machine": rows[-1]["machine"] if rows else machine_info(),
+        "summary": summary,
+        "rows": rows,
+        "verdict": verdict,
+        "table": tab,
+    }
     dest = OUT / ("fidelity_train_smoke.json" if smoke else "fidelity_train.json")
     write_json(dest, out)
     log(f"[train] wrote {dest}")
@@ -284,10 +392,12 @@ def plot(summary: list[dict], dest: Path) -> None:
         m = statistics.fmean(xs)
         kind = s["mode"].split("-")[0]
         color = {"topk": "tab:blue", "sample": "tab:orange", "hybrid": "tab:green"}.get(kind, "tab:gray")
-        ax.errorbar([s["bytes_per_trained_token"]], [m], yerr=[[m - min(xs)], [max(xs) - m]], fmt="o", color=color,
-                    capsize=3)
-        ax.annotate(s["label"], (s["bytes_per_trained_token"], m), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.errorbar(
+            [s["bytes_per_trained_token"]], [m], yerr=[[m - min(xs)], [max(xs) - m]], fmt="o", color=color, capsize=3
+        )
+        ax.annotate(
+            s["label"], (s["bytes_per_trained_token"], m), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
     ax.axhline(1.0, color="k", lw=0.8, ls=":", label="online label annealing")
     ax.axhline(TARGET_SHARE, color="tab:red", lw=0.8, ls="--", label=f"target {TARGET_SHARE:.0%}")
     ax.axvline(TARGET_BYTES, color="tab:red", lw=0.8, ls="--")
@@ -318,8 +428,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--eval-seqs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default=str(OUT / "fidelity_work"),
-                    help="runs, student metrics and rows.jsonl; rerunning with the same settings resumes")
+    ap.add_argument(
+        "--work",
+        default=str(OUT / "fidelity_work"),
+        help="runs, student metrics and rows.jsonl; rerunning with the same settings resumes",
+    )
     ap.add_argument("--report", action="store_true", help="only rebuild the table, JSON and plot from rows.jsonl")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

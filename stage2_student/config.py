@@ -1,4 +1,10 @@
-"""The one config of stage 2, shared by `pipeline student`, `pipeline sweep` and the Python API."""
+"""The configs of stage 2: `StudentConfig` (shared by `pipeline student`, `pipeline sweep` and the Python API),
+`EvalConfig` (`pipeline eval`), `MergeConfig` (`pipeline merge`) and `SweepConfig` (`pipeline sweep`).
+
+The command line imports this module to build its options, so it imports neither torch nor transformers:
+`pipeline --help` must not pay seconds for them. The stage modules that run a config import them at the top.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,10 +19,20 @@ class StudentConfig:
     run_dir: Path = field(metadata={"help": "Run directory written by `pipeline teacher` (the stored soft labels)."})
     out: Path = field(metadata={"help": "Output directory: checkpoints/, model/, metrics.jsonl, config.json."})
     kl_weight: float = field(default=1.0, metadata={"help": "λ in CE + λ·KL(teacher‖student); 0 = plain fine-tuning."})
-    model: str | None = field(default=None, metadata={"help": "Student to start from (default: the teacher recorded in the run). Must share its tokenizer."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder (default: the run's, when --model is not given)."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Student to start from (default: the teacher recorded in the run). Must share its tokenizer."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file inside --model's folder (default: the run's, when --model is not given)."},
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides --epochs)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the stored sequences (when --max-steps is not set)."})
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the stored sequences (when --max-steps is not set)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch per process."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     lr: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
@@ -27,43 +43,93 @@ class StudentConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
-    kl_tail: str = field(default="bucket", metadata={"help": "bucket: KL on top-k + one tail category (default, recommended) | renorm: top-k renormalised (axolotl/DistillKit style)."})
-    divergence: str = field(default="forward", metadata={"help": "forward KL(teacher‖student) | reverse | jsd, on the top-k+tail support."})
-    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature applied in the loss (approximate over top-k + tail; see losses.py)."})
+    kl_tail: str = field(
+        default="bucket",
+        metadata={
+            "help": "bucket: KL on top-k + one tail category (default, recommended) | "
+            "renorm: top-k renormalised (axolotl/DistillKit style)."
+        },
+    )
+    divergence: str = field(
+        default="forward", metadata={"help": "forward KL(teacher‖student) | reverse | jsd, on the top-k+tail support."}
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Distillation temperature applied in the loss "
+            "(approximate over top-k + tail; see stage2_student/losses)."
+        },
+    )
     loss_form: str = field(default="add", metadata={"help": "add: CE + λ·KL | mix: (1−λ)·CE + λ·KL."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). Needs peft."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    l2_init: float = field(default=0.0, metadata={"help": "Baseline L2-SP: (c/2)·||θ − θ0||² toward the initial weights (0 = off)."})
-    ewc: float = field(default=0.0, metadata={"help": "Baseline EWC: (c/2)·Σ F·(θ − θ0)² with a diagonal Fisher of the base model (0 = off)."})
+    l2_init: float = field(
+        default=0.0, metadata={"help": "Baseline L2-SP: (c/2)·||θ − θ0||² toward the initial weights (0 = off)."}
+    )
+    ewc: float = field(
+        default=0.0,
+        metadata={"help": "Baseline EWC: (c/2)·Σ F·(θ − θ0)² with a diagonal Fisher of the base model (0 = off)."},
+    )
     ewc_sequences: int = field(default=16, metadata={"help": "Stored sequences used to estimate the EWC Fisher."})
-    replay_data: str | None = field(default=None, metadata={"help": "Baseline replay: a general text corpus (jsonl/txt/parquet) mixed into training with CE only."})
-    replay_ratio: float = field(default=0.0, metadata={"help": "Fraction of each micro-batch's sequences that are replay (added on top of --batch-size)."})
+    replay_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Baseline replay: a general text corpus (jsonl/txt/parquet) mixed into training with CE only."
+        },
+    )
+    replay_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of each micro-batch's sequences that are replay (added on top of --batch-size)."},
+    )
     replay_text_field: str = field(default="text", metadata={"help": "Column of --replay-data holding text."})
-    teacher_online: str | None = field(default=None, metadata={"help": "Reference, not the recommended path: run this frozen teacher on every micro-batch and use the exact full-vocabulary KL instead of the stored labels (costs a second model in memory and a teacher forward per step)."})
+    teacher_online: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference, not the recommended path: run this frozen teacher on every micro-batch and use the "
+            "exact full-vocabulary KL instead of the stored labels (costs a second model in memory and a teacher "
+            "forward per step)."
+        },
+    )
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, init of adapters, dropout."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in --out."})
     log_every: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every N steps."})
-    fused_head: str = field(default="auto", metadata={"help": "auto: apply the lm_head inside the loss, chunk by chunk, where that is exact (checked on the model; no (N, V) logits) | on: required | off: full logits."})
+    fused_head: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: apply the lm_head inside the loss, chunk by chunk, where that is exact "
+            "(checked on the model; no (N, V) logits) | on: required | off: full logits."
+        },
+    )
     chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the fused CE+KL (bounds memory)."})
-    shuffle: bool = field(default=True, metadata={"help": "Shuffle rows each epoch (row-group blocks, then rows in a window)."})
+    shuffle: bool = field(
+        default=True, metadata={"help": "Shuffle rows each epoch (row-group blocks, then rows in a window)."}
+    )
     verify: str = field(default="checksum", metadata={"help": "Shard check before training: checksum | size | none."})
-    save_model: bool = field(default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."})
+    save_model: bool = field(
+        default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."}
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         object.__setattr__(self, "out", Path(self.out))
         p = []
-        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+
+        def finite(x):
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
         if not finite(self.kl_weight) or self.kl_weight < 0:
             p.append(f"kl_weight={self.kl_weight}: must be a finite number >= 0")
         if self.loss_form not in ("add", "mix"):
             p.append(f"loss_form={self.loss_form!r}: choose add or mix")
         elif self.loss_form == "mix" and self.kl_weight > 1:
-            p.append(f"kl_weight={self.kl_weight} with loss_form=mix gives CE a negative weight; use λ in [0, 1] or --loss-form add")
+            p.append(
+                f"kl_weight={self.kl_weight} with loss_form=mix gives CE a negative weight; "
+                "use λ in [0, 1] or --loss-form add"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"max_steps={self.max_steps}: must be >= 1")
         if not finite(self.epochs) or self.epochs <= 0:
@@ -88,8 +154,10 @@ class StudentConfig:
         if not finite(self.kd_temperature) or self.kd_temperature <= 0:
             p.append(f"kd_temperature={self.kd_temperature}: must be > 0")
         if self.precision not in ("auto", "fp32", "bf16"):
-            p.append(f"precision={self.precision!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range "
-                     f"overflows full-vocabulary logits; use bf16)")
+            p.append(
+                f"precision={self.precision!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range "
+                f"overflows full-vocabulary logits; use bf16)"
+            )
         for name in ("l2_init", "ewc"):
             v = getattr(self, name)
             if not finite(v) or v < 0:
@@ -124,3 +192,295 @@ class StudentConfig:
 
     def replace(self, **kw) -> "StudentConfig":
         return dataclasses.replace(self, **kw)
+
+
+# ------------------------------------------------------------------------------------------- pipeline eval
+
+# Model dtypes `pipeline eval` accepts besides "auto" (`lm.loading` maps them to torch dtypes). fp16 is left
+# out on purpose: its range overflows full-vocabulary logits.
+EVAL_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = field(
+        metadata={"help": "Model to evaluate: a folder (e.g. OUT/model of `pipeline student`) or a hub name."}
+    )
+    data: tuple[str, ...] = field(
+        metadata={
+            "help": "A corpus as NAME=PATH (a .jsonl/.json/.parquet/.txt file or a folder of them); repeat for "
+            "several, e.g. --data target=math.jsonl --data retention=prose.jsonl."
+        }
+    )
+    base: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model for KL(base‖model) per token; must share the model's tokenizer. Without it, kl is null."
+        },
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder."})
+    base_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --base's folder."})
+    seq_len: int = field(
+        default=512, metadata={"help": "Tokens per packed sequence (context length of the evaluation)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_sequences: int | None = field(
+        default=None, metadata={"help": "Evaluate at most this many sequences per corpus (the first ones)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "Column holding the text in jsonl/json/parquet corpora."})
+    json_out: Path | None = field(
+        default=None, metadata={"help": "Also write the results (and this config) to this JSON file."}
+    )
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda[:i]."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Model dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16. Log-softmax and KL are always fp32."
+        },
+    )
+    lm_eval_tasks: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated lm-evaluation-harness tasks to run too (needs `pip install lm_eval`)."},
+    )
+    lm_eval_include: Path | None = field(
+        default=None, metadata={"help": "Folder of extra lm-eval task YAMLs (local tasks on local files run offline)."}
+    )
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many documents per lm-eval task."})
+
+    def __post_init__(self):
+        data = (self.data,) if isinstance(self.data, str) else tuple(self.data or ())
+        object.__setattr__(self, "data", data)
+        for name in ("json_out", "lm_eval_include"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        p = []
+        if not self.model:
+            p.append("model: required (a folder or a hub name)")
+        _, data_problems = parse_data(data)
+        p += data_problems
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            p.append(f"seq_len={self.seq_len}: must be an int >= 2 (T tokens give T-1 predictions)")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            p.append(f"batch_size={self.batch_size}: must be >= 1")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            p.append(f"max_sequences={self.max_sequences}: must be >= 1 (or unset for all)")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            p.append(f"lm_eval_limit={self.lm_eval_limit}: must be >= 1 (or unset for all)")
+        if self.lm_eval_include is not None and not self.lm_eval_include.is_dir():
+            p.append(f"lm_eval_include={self.lm_eval_include}: no such folder")
+        if self.lm_eval_include is not None and not self.lm_eval_tasks:
+            p.append("lm_eval_include is set but lm_eval_tasks is not: name the tasks to run")
+        p += device_dtype_problems(self.device, self.dtype)
+        if p:
+            raise ValueError("invalid eval config:\n  " + "\n  ".join(p))
+
+    @property
+    def corpora(self) -> dict[str, Path]:
+        return parse_data(self.data)[0]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        for name in ("json_out", "lm_eval_include"):
+            d[name] = None if d[name] is None else str(d[name])
+        return d
+
+
+def parse_data(entries) -> tuple[dict[str, Path], list[str]]:
+    """({name: path}, problems) from "NAME=PATH" strings; each problem names its entry."""
+    corpora: dict[str, Path] = {}
+    problems = []
+    if not entries:
+        problems.append("data: give at least one corpus as NAME=PATH (e.g. --data target=math.jsonl)")
+    for entry in entries:
+        if not isinstance(entry, str) or "=" not in entry:
+            problems.append(f"data entry {entry!r}: expected NAME=PATH (e.g. target=math.jsonl)")
+            continue
+        name, path = (s.strip() for s in entry.split("=", 1))
+        if not name or not path:
+            problems.append(f"data entry {entry!r}: both NAME and PATH must be non-empty")
+            continue
+        if name in corpora:
+            problems.append(f"data entry {entry!r}: the name {name!r} is used twice; give each corpus its own name")
+            continue
+        p = Path(path).expanduser()
+        if not p.exists():
+            problems.append(f"data entry {entry!r}: {path} does not exist")
+            continue
+        corpora[name] = p
+    return corpora, problems
+
+
+def device_dtype_problems(device: str, dtype: str) -> list[str]:
+    """What is wrong with an eval --device / --dtype pair (empty when nothing is)."""
+    p = []
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        p.append(f"device={device!r}: choose auto, cpu, cuda or cuda:N")
+    if dtype not in ("auto", *EVAL_DTYPES):
+        p.append(
+            f"dtype={dtype!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range overflows "
+            f"full-vocabulary logits; use bf16)"
+        )
+    return p
+
+
+# ------------------------------------------------------------------------------------------- pipeline merge
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    base: str = field(metadata={"help": "The base model (a folder or a hub name): θ at α = 0."})
+    tuned: str = field(
+        metadata={
+            "help": "The fine-tuned model (a folder): θ at α = 1. Must share the base's architecture and tokenizer."
+        }
+    )
+    alpha: float = field(
+        metadata={
+            "help": "θ = (1−α)·θ_base + α·θ_tuned: 0 = base, 1 = tuned, (0,1) = WiSE-FT, "
+            "> 1 = ExPO extrapolation (warns above 3)."
+        }
+    )
+    out: Path = field(
+        metadata={"help": "Output folder for the merged model (Hugging Face format, written atomically)."}
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        p = []
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
+            p.append(f"alpha={self.alpha!r}: must be a finite number")
+        elif self.alpha < 0:
+            p.append(f"alpha={self.alpha}: must be >= 0 (0 = base, 1 = tuned, > 1 extrapolates away from the base)")
+        if not self.base or not self.tuned:
+            p.append("base and tuned are both required")
+        if p:
+            raise ValueError("invalid merge config:\n  " + "\n  ".join(p))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# ------------------------------------------------------------------------------------------- pipeline sweep
+
+
+def parse_floats(text: str | None, name: str) -> list[float]:
+    """The values of a comma-separated option such as --kl-weights "0,0.3,1" (finite, >= 0)."""
+    if text in (None, ""):
+        return []
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--{name.replace('_', '-')} {text!r}: expected comma-separated numbers, e.g. 0,0.3,1"
+        ) from None
+    if any(not math.isfinite(v) or v < 0 for v in vals):
+        raise ValueError(f"--{name.replace('_', '-')} {text!r}: values must be finite and >= 0")
+    return vals
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    run_dir: Path = field(metadata={"help": "Run directory of stored labels (from `pipeline teacher`)."})
+    out: Path = field(metadata={"help": "Sweep directory: runs/NAME per student, sweep.json, sweep.md, tradeoff.png."})
+    kl_weights: str = field(default="0,1", metadata={"help": "Comma-separated λ values (0 = direct fine-tuning)."})
+    lrs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated learning rates crossed with the λ values (default: the student's --lr). "
+            "Lower-lr direct fine-tuning is the honest baseline."
+        },
+    )
+    l2_inits: str | None = field(
+        default=None, metadata={"help": "Comma-separated L2-SP coefficients (baseline, λ=0, first lr)."}
+    )
+    ewc_weights: str | None = field(
+        default=None, metadata={"help": "Comma-separated EWC coefficients (baseline, λ=0, first lr)."}
+    )
+    replay_ratios: str | None = field(
+        default=None, metadata={"help": "Comma-separated replay ratios (baseline, λ=0, first lr; needs --replay-data)."}
+    )
+    merge_alphas: str | None = field(
+        default=None, metadata={"help": "Comma-separated WiSE-FT α: base + α·(λ=0 model − base), per lr."}
+    )
+    eval_data: tuple = field(
+        default=(),
+        metadata={
+            "help": "NAME=PATH held-out corpora (repeat); 'target' is the fine-tuning domain, the rest retention."
+        },
+    )
+    eval_seq_len: int = field(default=256, metadata={"help": "Tokens per evaluation sequence."})
+    eval_max_sequences: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences per corpus."})
+    student: dict = field(
+        default_factory=dict, metadata={"help": "Other StudentConfig fields shared by every student."}
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "eval_data", tuple(self.eval_data))
+        problems = []
+        for name in ("kl_weights", "lrs", "l2_inits", "ewc_weights", "replay_ratios", "merge_alphas"):
+            try:
+                parse_floats(getattr(self, name), name)
+            except ValueError as e:
+                problems.append(str(e))
+        if not parse_floats(self.kl_weights, "kl_weights"):
+            problems.append("--kl-weights: give at least one λ")
+        if parse_floats(self.merge_alphas, "merge_alphas") and 0.0 not in parse_floats(self.kl_weights, "kl_weights"):
+            problems.append("--merge-alphas interpolates the λ=0 model: include 0 in --kl-weights")
+        if parse_floats(self.replay_ratios, "replay_ratios") and not self.student.get("replay_data"):
+            problems.append("--replay-ratios needs --replay-data")
+        bad = {k for k in self.student if k not in {f.name for f in dataclasses.fields(StudentConfig)}}
+        if bad:
+            problems.append(f"unknown student setting(s) {sorted(bad)}")
+        for k in ("run_dir", "out", "kl_weight", "resume"):
+            if k in self.student:
+                problems.append(f"student setting {k!r} is set by the sweep itself")
+        if self.eval_seq_len < 2:
+            problems.append("--eval-seq-len must be >= 2")
+        if problems:
+            raise ValueError("invalid sweep config:\n  " + "\n  ".join(problems))
+
+    def plan(self) -> list[tuple[str, dict, dict]]:
+        """[(name, StudentConfig overrides, description)] for every student to train."""
+        s = dict(self.student)
+        lrs = parse_floats(self.lrs, "lrs") or [s.get("lr", StudentConfig.__dataclass_fields__["lr"].default)]
+        out = []
+        for lr in lrs:
+            for lam in parse_floats(self.kl_weights, "kl_weights"):
+                out.append(
+                    (
+                        f"kl{lam:g}_lr{lr:g}",
+                        {**s, "kl_weight": lam, "lr": lr},
+                        {"method": "direct fine-tuning" if lam == 0 else "label annealing", "kl_weight": lam, "lr": lr},
+                    )
+                )
+        lr0 = lrs[0]
+        for c in parse_floats(self.l2_inits, "l2_inits"):
+            out.append(
+                (
+                    f"l2_{c:g}_lr{lr0:g}",
+                    {**s, "kl_weight": 0.0, "lr": lr0, "l2_init": c},
+                    {"method": "L2-SP", "l2_init": c, "lr": lr0},
+                )
+            )
+        for c in parse_floats(self.ewc_weights, "ewc_weights"):
+            out.append(
+                (
+                    f"ewc_{c:g}_lr{lr0:g}",
+                    {**s, "kl_weight": 0.0, "lr": lr0, "ewc": c},
+                    {"method": "EWC", "ewc": c, "lr": lr0},
+                )
+            )
+        for r in parse_floats(self.replay_ratios, "replay_ratios"):
+            out.append(
+                (
+                    f"replay_{r:g}_lr{lr0:g}",
+                    {**s, "kl_weight": 0.0, "lr": lr0, "replay_ratio": r},
+                    {"method": "replay", "replay_ratio": r, "lr": lr0},
+                )
+            )
+        return out

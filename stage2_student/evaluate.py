@@ -7,7 +7,7 @@ full-vocabulary KL(base‖model) per token against a base model (how far fine-tu
 Python: `run(EvalConfig(...))` for one model, `evaluate_models({...}, base, {...})` for many (the
 sweep): every corpus is tokenized once and the base is loaded once.
 
-Tokens. Each corpus goes through `stage1_teacher.corpus.load_sequences` in plain-text mode, packed,
+Tokens. Each corpus goes through `lm.corpus.load_sequences` in plain-text mode, packed,
 with the (shared) tokenizer: the same deterministic sequences and label masks the teacher would
 score, so "per token" here means per trained position as in training. Sequences are batched only
 with sequences of the same length (packing makes all but the last one `seq_len` long), so no padding
@@ -28,127 +28,38 @@ lm-eval. `--lm-eval-tasks` runs EleutherAI lm-evaluation-harness tasks on the al
 (`pip install lm_eval`); its hub tasks download their data sets, while a task YAML of your own under
 `--lm-eval-include DIR` whose `dataset_path: json` points at local files runs offline.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
-# torch, transformers and the model code are imported inside the functions: `pipeline --help` and the
-# other commands import this module for EvalConfig and must not pay seconds for torch.
+import torch
+
+from lm.corpus import load_sequences
+from lm.loading import load_causal_lm, load_tokenizer, torch_dtype
+from lm.tokenizer_id import tokenizer_fingerprint
+from storage.atomic import atomic_write_json
+
+from .batch import pad_inputs
+from .config import EvalConfig, device_dtype_problems
+from .losses import exact_kl_sum
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # Positions per fp32 log-softmax chunk: bounds the temporaries at _CHUNK x V fp32 besides the logits.
 _CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str = field(metadata={"help": "Model to evaluate: a folder (e.g. OUT/model of `pipeline student`) or a hub name."})
-    data: tuple[str, ...] = field(metadata={"help": "A corpus as NAME=PATH (a .jsonl/.json/.parquet/.txt file or a folder of them); repeat for several, e.g. --data target=math.jsonl --data retention=prose.jsonl."})
-    base: str | None = field(default=None, metadata={"help": "Base model for KL(base‖model) per token; must share the model's tokenizer. Without it, kl is null."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder."})
-    base_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --base's folder."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per packed sequence (context length of the evaluation)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    max_sequences: int | None = field(default=None, metadata={"help": "Evaluate at most this many sequences per corpus (the first ones)."})
-    text_field: str = field(default="text", metadata={"help": "Column holding the text in jsonl/json/parquet corpora."})
-    json_out: Path | None = field(default=None, metadata={"help": "Also write the results (and this config) to this JSON file."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda[:i]."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16. Log-softmax and KL are always fp32."})
-    lm_eval_tasks: str | None = field(default=None, metadata={"help": "Comma-separated lm-evaluation-harness tasks to run too (needs `pip install lm_eval`)."})
-    lm_eval_include: Path | None = field(default=None, metadata={"help": "Folder of extra lm-eval task YAMLs (local tasks on local files run offline)."})
-    lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many documents per lm-eval task."})
-
-    def __post_init__(self):
-        data = (self.data,) if isinstance(self.data, str) else tuple(self.data or ())
-        object.__setattr__(self, "data", data)
-        for name in ("json_out", "lm_eval_include"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
-        p = []
-        if not self.model:
-            p.append("model: required (a folder or a hub name)")
-        _, data_problems = parse_data(data)
-        p += data_problems
-        if not isinstance(self.seq_len, int) or self.seq_len < 2:
-            p.append(f"seq_len={self.seq_len}: must be an int >= 2 (T tokens give T-1 predictions)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            p.append(f"batch_size={self.batch_size}: must be >= 1")
-        if self.max_sequences is not None and self.max_sequences < 1:
-            p.append(f"max_sequences={self.max_sequences}: must be >= 1 (or unset for all)")
-        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
-            p.append(f"lm_eval_limit={self.lm_eval_limit}: must be >= 1 (or unset for all)")
-        if self.lm_eval_include is not None and not self.lm_eval_include.is_dir():
-            p.append(f"lm_eval_include={self.lm_eval_include}: no such folder")
-        if self.lm_eval_include is not None and not self.lm_eval_tasks:
-            p.append("lm_eval_include is set but lm_eval_tasks is not: name the tasks to run")
-        p += _device_dtype_problems(self.device, self.dtype)
-        if p:
-            raise ValueError("invalid eval config:\n  " + "\n  ".join(p))
-
-    @property
-    def corpora(self) -> dict[str, Path]:
-        return parse_data(self.data)[0]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["data"] = list(self.data)
-        for name in ("json_out", "lm_eval_include"):
-            d[name] = None if d[name] is None else str(d[name])
-        return d
 
 
 def _default(name: str):
     return EvalConfig.__dataclass_fields__[name].default
 
 
-def parse_data(entries) -> tuple[dict[str, Path], list[str]]:
-    """({name: path}, problems) from "NAME=PATH" strings; each problem names its entry."""
-    corpora: dict[str, Path] = {}
-    problems = []
-    if not entries:
-        problems.append("data: give at least one corpus as NAME=PATH (e.g. --data target=math.jsonl)")
-    for entry in entries:
-        if not isinstance(entry, str) or "=" not in entry:
-            problems.append(f"data entry {entry!r}: expected NAME=PATH (e.g. target=math.jsonl)")
-            continue
-        name, path = (s.strip() for s in entry.split("=", 1))
-        if not name or not path:
-            problems.append(f"data entry {entry!r}: both NAME and PATH must be non-empty")
-            continue
-        if name in corpora:
-            problems.append(f"data entry {entry!r}: the name {name!r} is used twice; give each corpus its own name")
-            continue
-        p = Path(path).expanduser()
-        if not p.exists():
-            problems.append(f"data entry {entry!r}: {path} does not exist")
-            continue
-        corpora[name] = p
-    return corpora, problems
-
-
-def _device_dtype_problems(device: str, dtype: str) -> list[str]:
-    p = []
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        p.append(f"device={device!r}: choose auto, cpu, cuda or cuda:N")
-    if dtype not in ("auto", *_DTYPES):
-        p.append(f"dtype={dtype!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range overflows "
-                 f"full-vocabulary logits; use bf16)")
-    return p
-
-
-def _resolve_device_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
-    import torch
-
-    problems = _device_dtype_problems(device, dtype)
+def _resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    problems = device_dtype_problems(device, dtype)  # fp16 is refused there: it overflows full-vocabulary logits
     if problems:
         raise ValueError("; ".join(problems))
     if device == "auto":
@@ -158,44 +69,38 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple["torch.device", "tor
     if dtype == "auto":
         # fp32 on CPU, where bf16 matmuls gain little and lose accuracy.
         return torch.device(device), (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    return torch.device(device), getattr(torch, _DTYPES[dtype])
+    return torch.device(device), torch_dtype(dtype, option="dtype")
 
 
 # ------------------------------------------------------------------------------------------- batches
 
 
-def _batches(sequences, batch_size: int, device) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+def _batches(sequences, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(input_ids (B, T) int64, label_mask (B, T-1) bool)], each batch of one length, in corpus order
     within a length (packing makes all but the last sequence full-length)."""
-    import torch
-
     by_len: dict[int, list] = {}
     for s in sequences:
         by_len.setdefault(len(s.input_ids), []).append(s)
     out = []
     for group in by_len.values():
         for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            ids = torch.stack([torch.from_numpy(s.input_ids.astype("int64")) for s in chunk]).to(device)
-            mask = torch.stack([torch.from_numpy(s.label_mask) for s in chunk]).to(device)
-            out.append((ids, mask))
+            b = pad_inputs(group[i : i + batch_size])  # one length: nothing is padded
+            out.append((b["input_ids"].to(device), b["label_mask"].to(device)))
     return out
 
 
-def _trained_logits(model, ids: "torch.Tensor", mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+def _trained_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V) in the model's dtype, labels (N,)) at the N trained positions of a batch."""
     logits = model(input_ids=ids).logits  # (B, T, V)
     return logits[:, :-1][mask], ids[:, 1:][mask]
 
 
-def _base_logprobs(base, ids, mask) -> "torch.Tensor":
+def _base_logprobs(base, ids, mask) -> torch.Tensor:
     """(N, V) fp32 log-probs of the base at the trained positions, computed chunk by chunk."""
-    import torch
-
     z, _ = _trained_logits(base, ids, mask)
     out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
     for s in range(0, z.shape[0], _CHUNK):
-        out[s:s + _CHUNK] = torch.log_softmax(z[s:s + _CHUNK].float(), dim=-1)
+        out[s : s + _CHUNK] = torch.log_softmax(z[s : s + _CHUNK].float(), dim=-1)
     return out
 
 
@@ -206,9 +111,9 @@ class _BaseLogprobs:
         self.base = base
         self.budget = budget_bytes
         self.used = 0
-        self.cache: dict[tuple[str, int], "torch.Tensor"] = {}
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def get(self, key: tuple[str, int], ids, mask) -> "torch.Tensor":
+    def get(self, key: tuple[str, int], ids, mask) -> torch.Tensor:
         hit = self.cache.get(key)
         if hit is not None:
             return hit.to(ids.device, non_blocking=True)
@@ -222,10 +127,6 @@ class _BaseLogprobs:
 
 def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, device) -> dict:
     """{nll, ppl, kl, tokens} of one model on one corpus's batches; means per trained position."""
-    import torch
-
-    from .losses import exact_kl_sum
-
     # Sums stay on the device: a .item() per chunk would be a GPU sync point.
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -235,14 +136,16 @@ def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, de
             z, labels = _trained_logits(model, ids, mask)  # (N, V), (N,)
             t = base_lp.get((corpus, b), ids, mask) if base_lp is not None else None  # (N, V) fp32
             if t is not None and t.shape[1] != z.shape[1]:
-                raise ValueError(f"the model's logits have {z.shape[1]} entries but the base's {t.shape[1]}: "
-                                 f"the vocabularies differ, so KL(base‖model) is undefined")
+                raise ValueError(
+                    f"the model's logits have {z.shape[1]} entries but the base's {t.shape[1]}: "
+                    f"the vocabularies differ, so KL(base‖model) is undefined"
+                )
             for s in range(0, z.shape[0], _CHUNK):
-                zc = z[s:s + _CHUNK]
+                zc = z[s : s + _CHUNK]
                 lp = torch.log_softmax(zc.float(), dim=-1)  # (C, V)
-                nll_sum -= lp.gather(1, labels[s:s + _CHUNK, None]).sum(dtype=torch.float64)
+                nll_sum -= lp.gather(1, labels[s : s + _CHUNK, None]).sum(dtype=torch.float64)
                 if t is not None:
-                    kl_sum += exact_kl_sum(zc, t[s:s + _CHUNK]).double()
+                    kl_sum += exact_kl_sum(zc, t[s : s + _CHUNK]).double()
             tokens += int(labels.shape[0])
     nll = float(nll_sum) / tokens
     return {
@@ -257,15 +160,11 @@ def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, de
 
 
 def _load(name: str, gguf_file: str | None, device, dtype):
-    from .model_io import load_model
-
-    return load_model(name, gguf_file, dtype=dtype).to(device).eval().requires_grad_(False)
+    return load_causal_lm(name, gguf_file, dtype=dtype).to(device).eval().requires_grad_(False)
 
 
 def _free_memory() -> None:
     """Return the previous model's memory before the next one is loaded."""
-    import torch
-
     # transformers models hold reference cycles, so refcounting alone does not free them; a full
     # collection costs ~0.5 s, which is why it runs between models and not after the last one.
     gc.collect()
@@ -275,10 +174,6 @@ def _free_memory() -> None:
 
 def check_tokenizers(names: Mapping[str, tuple[str, str | None]], reference: str):
     """The reference's tokenizer, after checking that every named model's tokenizer has its hash."""
-    from stage1_teacher.tokenizer_info import tokenizer_fingerprint
-
-    from .model_io import load_tokenizer
-
     ref_path, ref_gguf = names[reference]
     tok = load_tokenizer(ref_path, ref_gguf)
     ref_fp = tokenizer_fingerprint(tok)
@@ -288,12 +183,17 @@ def check_tokenizers(names: Mapping[str, tuple[str, str | None]], reference: str
             continue
         fp = tokenizer_fingerprint(load_tokenizer(path, gguf))
         if fp["hash"] != ref_fp["hash"]:
-            problems.append(f"{label} ({path}): tokenizer {fp['hash'][:16]}… (vocab {fp['vocab_size']}) vs "
-                            f"{reference} ({ref_path}): {ref_fp['hash'][:16]}… (vocab {ref_fp['vocab_size']})")
+            problems.append(
+                f"{label} ({path}): tokenizer {fp['hash'][:16]}… (vocab {fp['vocab_size']}) vs "
+                f"{reference} ({ref_path}): {ref_fp['hash'][:16]}… (vocab {ref_fp['vocab_size']})"
+            )
     if problems:
-        raise ValueError("the models do not share one tokenizer, so their per-token NLL and KL(base‖model) "
-                         "are not comparable:\n  " + "\n  ".join(problems)
-                         + "\nEvaluate models of one tokenizer together (fine-tunes of the same base).")
+        raise ValueError(
+            "the models do not share one tokenizer, so their per-token NLL and KL(base‖model) "
+            "are not comparable:\n  "
+            + "\n  ".join(problems)
+            + "\nEvaluate models of one tokenizer together (fine-tunes of the same base)."
+        )
     return tok
 
 
@@ -322,8 +222,6 @@ def evaluate_models(
     kl is None without a base. gguf_files maps a label to the GGUF file in its folder.
     base_cache_gb: CPU memory for the base's fp32 log-probs, reused across models (0 disables).
     """
-    from stage1_teacher.corpus import load_sequences
-
     if not models:
         raise ValueError("models: give at least one model to evaluate")
     if not corpora:
@@ -337,7 +235,9 @@ def evaluate_models(
     if unknown:
         raise ValueError(f"gguf_files names {unknown}, which are not among the models {sorted(models)}")
     dev, dt = _resolve_device_dtype(device, dtype)
-    tasks = [t.strip() for t in lm_eval_tasks.split(",")] if isinstance(lm_eval_tasks, str) else list(lm_eval_tasks or [])
+    tasks = (
+        [t.strip() for t in lm_eval_tasks.split(",")] if isinstance(lm_eval_tasks, str) else list(lm_eval_tasks or [])
+    )
     tasks = [t for t in tasks if t]
 
     # Tokenizers first: a mismatch must fail before minutes of loading and tokenizing.
@@ -353,7 +253,9 @@ def evaluate_models(
 
     sequences = {}
     for name, path in corpora.items():
-        res = load_sequences(path, tokenizer, seq_len=seq_len, text_field=text_field, max_samples=max_sequences, pack=True)
+        res = load_sequences(
+            path, tokenizer, seq_len=seq_len, text_field=text_field, max_samples=max_sequences, pack=True
+        )
         log.info("corpus %s: %d sequences, %d trained positions", name, res.num_sequences, res.trained_positions)
         sequences[name] = _batches(res.sequences, batch_size, dev)
 
@@ -382,17 +284,29 @@ def run(config: EvalConfig) -> dict:
     "lm_eval", "config"} and writes it to config.json_out when set."""
     label = "model"
     res = evaluate_models(
-        {label: config.model}, config.base, config.corpora,
-        seq_len=config.seq_len, batch_size=config.batch_size, max_sequences=config.max_sequences,
-        text_field=config.text_field, device=config.device, dtype=config.dtype,
-        gguf_files={label: config.gguf_file} if config.gguf_file else None, base_gguf_file=config.base_gguf_file,
-        lm_eval_tasks=config.lm_eval_tasks, lm_eval_include=config.lm_eval_include, lm_eval_limit=config.lm_eval_limit,
+        {label: config.model},
+        config.base,
+        config.corpora,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        max_sequences=config.max_sequences,
+        text_field=config.text_field,
+        device=config.device,
+        dtype=config.dtype,
+        gguf_files={label: config.gguf_file} if config.gguf_file else None,
+        base_gguf_file=config.base_gguf_file,
+        lm_eval_tasks=config.lm_eval_tasks,
+        lm_eval_include=config.lm_eval_include,
+        lm_eval_limit=config.lm_eval_limit,
     )[label]
-    out = {"model": config.model, "base": config.base, "corpora": res["corpora"], "lm_eval": res["lm_eval"],
-           "config": config.to_dict()}
+    out = {
+        "model": config.model,
+        "base": config.base,
+        "corpora": res["corpora"],
+        "lm_eval": res["lm_eval"],
+        "config": config.to_dict(),
+    }
     if config.json_out is not None:
-        from storage.atomic import atomic_write_json
-
         config.json_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(config.json_out, out)
     return out
@@ -419,24 +333,30 @@ def format_table(result: dict) -> str:
 
 def _lm_eval_tasks(tasks: list[str], include):
     """The lm-eval TaskManager, after checking that lm_eval is installed and knows every task."""
-    try:
+    try:  # lm_eval is an optional extra, installed separately
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ValueError(f"--lm-eval-tasks needs lm-evaluation-harness, an optional package: pip install lm_eval ({e})") from e
+        raise ValueError(
+            f"--lm-eval-tasks needs lm-evaluation-harness, an optional package: pip install lm_eval ({e})"
+        ) from e
     manager = TaskManager(include_path=str(include) if include else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}; `lm_eval ls tasks` lists them, and --lm-eval-include "
-                         f"adds a folder of your own task YAMLs")
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}; `lm_eval ls tasks` lists them, and --lm-eval-include "
+            f"adds a folder of your own task YAMLs"
+        )
     return manager
 
 
 def _run_lm_eval(model, tokenizer, tasks, manager, limit, batch_size, device) -> dict:
     """{task: {metric: value}} from lm-evaluation-harness on the loaded model (numeric metrics only)."""
-    import lm_eval
+    import lm_eval  # optional extra: _lm_eval_tasks has already checked that it is installed
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
-    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for task, metrics in out["results"].items()}
+    return {
+        task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for task, metrics in out["results"].items()
+    }

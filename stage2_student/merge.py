@@ -10,48 +10,37 @@ dtype; otherwise the base weights are rounded to it.
 
 Memory: both models in their own dtypes plus one fp32 tensor at a time.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-# torch and transformers are imported inside run(): the CLI imports this module for MergeConfig.
+import torch
+from transformers import AutoConfig
+
+from lm.loading import load_causal_lm, load_tokenizer
+from lm.model_files import resolve_model_dir
+from lm.tokenizer_id import tokenizer_fingerprint
+
+from .config import MergeConfig
+from .model_io import save_hf
 
 log = logging.getLogger(__name__)
 
 # Above this the merged model is far outside what ExPO reports as useful (α ≈ 1.1–3): warn, not refuse.
 ALPHA_WARN = 3.0
 # Config keys that may differ between a base and its fine-tune without changing the architecture.
-_CONFIG_IGNORED = {"_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version", "use_cache",
-                   "architectures", "_commit_hash"}
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    base: str = field(metadata={"help": "The base model (a folder or a hub name): θ at α = 0."})
-    tuned: str = field(metadata={"help": "The fine-tuned model (a folder): θ at α = 1. Must share the base's architecture and tokenizer."})
-    alpha: float = field(metadata={"help": "θ = (1−α)·θ_base + α·θ_tuned: 0 = base, 1 = tuned, (0,1) = WiSE-FT, > 1 = ExPO extrapolation (warns above 3)."})
-    out: Path = field(metadata={"help": "Output folder for the merged model (Hugging Face format, written atomically)."})
-
-    def __post_init__(self):
-        object.__setattr__(self, "out", Path(self.out))
-        p = []
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
-            p.append(f"alpha={self.alpha!r}: must be a finite number")
-        elif self.alpha < 0:
-            p.append(f"alpha={self.alpha}: must be >= 0 (0 = base, 1 = tuned, > 1 extrapolates away from the base)")
-        if not self.base or not self.tuned:
-            p.append("base and tuned are both required")
-        if p:
-            raise ValueError("invalid merge config:\n  " + "\n  ".join(p))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["out"] = str(self.out)
-        return d
+_CONFIG_IGNORED = {
+    "_name_or_path",
+    "name_or_path",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "architectures",
+    "_commit_hash",
+}
 
 
 def _check_compatible(base_cfg, tuned_cfg, base_model, tuned_model) -> None:
@@ -72,8 +61,11 @@ def _check_compatible(base_cfg, tuned_cfg, base_model, tuned_model) -> None:
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es), e.g. " + "; ".join(shapes[:5]))
     if problems:
-        raise ValueError("cannot merge: the base and the tuned model differ in architecture:\n  " + "\n  ".join(problems)
-                         + "\nMerge a fine-tune with the model it was fine-tuned from.")
+        raise ValueError(
+            "cannot merge: the base and the tuned model differ in architecture:\n  "
+            + "\n  ".join(problems)
+            + "\nMerge a fine-tune with the model it was fine-tuned from."
+        )
     b, t = base_cfg.to_dict(), tuned_cfg.to_dict()
     differ = sorted(k for k in set(b) | set(t) if k not in _CONFIG_IGNORED and b.get(k) != t.get(k))
     if differ:
@@ -91,24 +83,19 @@ def merge_models(base: str | Path, tuned: str | Path, alpha: float, out: str | P
 
 def run(config: MergeConfig) -> dict:
     """The merge described by `config` (what `pipeline merge` calls); returns the summary of merge_models."""
-    import torch
-
     with torch.no_grad():
         return _merge(config)
 
 
 def _merge(config: MergeConfig) -> dict:
-    from transformers import AutoConfig
-
-    from stage1_teacher.teacher_identity import resolve_model_dir
-    from stage1_teacher.tokenizer_info import tokenizer_fingerprint
-
-    from .model_io import load_model, load_tokenizer, save_hf
-
     alpha = float(config.alpha)
     if alpha > ALPHA_WARN:
-        log.warning("alpha=%g extrapolates %g× the fine-tuning update; ExPO reports gains for α ≈ 1.1–3. "
-                    "Check the merged model before using it", alpha, alpha)
+        log.warning(
+            "alpha=%g extrapolates %g× the fine-tuning update; ExPO reports gains for α ≈ 1.1–3. "
+            "Check the merged model before using it",
+            alpha,
+            alpha,
+        )
     base_dir, tuned_dir = resolve_model_dir(config.base), resolve_model_dir(config.tuned)
     out = config.out
     # save_hf replaces `out` by rename; if it were an input, its weights could still be read lazily.
@@ -119,15 +106,17 @@ def _merge(config: MergeConfig) -> dict:
     tok_b, tok_t = load_tokenizer(str(base_dir)), load_tokenizer(str(tuned_dir))
     fp_b, fp_t = tokenizer_fingerprint(tok_b), tokenizer_fingerprint(tok_t)
     if fp_b["hash"] != fp_t["hash"]:
-        raise ValueError(f"cannot merge: different tokenizers (base {fp_b['hash'][:16]}…, vocab {fp_b['vocab_size']}; "
-                         f"tuned {fp_t['hash'][:16]}…, vocab {fp_t['vocab_size']}): the same embedding row would mean "
-                         f"different tokens. Merge a fine-tune with the model it was fine-tuned from.")
+        raise ValueError(
+            f"cannot merge: different tokenizers (base {fp_b['hash'][:16]}…, vocab {fp_b['vocab_size']}; "
+            f"tuned {fp_t['hash'][:16]}…, vocab {fp_t['vocab_size']}): the same embedding row would mean "
+            f"different tokens. Merge a fine-tune with the model it was fine-tuned from."
+        )
 
     base_cfg, tuned_cfg = AutoConfig.from_pretrained(base_dir), AutoConfig.from_pretrained(tuned_dir)
     # "auto": each model in its stored dtype. The merge is written into the tuned model's own tensors,
     # so every tensor keeps the tuned dtype (fp32-kept norms of a bf16 model included).
-    base_model = load_model(str(base_dir), dtype="auto")
-    model = load_model(str(tuned_dir), dtype="auto")
+    base_model = load_causal_lm(str(base_dir), dtype="auto")
+    model = load_causal_lm(str(tuned_dir), dtype="auto")
     _check_compatible(base_cfg, tuned_cfg, base_model, model)
     dtype = model.dtype
 
@@ -150,12 +139,21 @@ def _merge(config: MergeConfig) -> dict:
         elements += t.numel()
     del base_model, base_sd
     save_hf(model, tok_t, out)
-    return {"out": str(out), "alpha": alpha, "tensors": tensors, "elements": elements,
-            "dtype": str(dtype).removeprefix("torch."), "base": config.base, "tuned": config.tuned}
+    return {
+        "out": str(out),
+        "alpha": alpha,
+        "tensors": tensors,
+        "elements": elements,
+        "dtype": str(dtype).removeprefix("torch."),
+        "base": config.base,
+        "tuned": config.tuned,
+    }
 
 
 def summary_line(summary: dict) -> str:
     a = summary["alpha"]
     kind = "base" if a == 0 else "tuned" if a == 1 else "WiSE-FT interpolation" if a < 1 else "ExPO extrapolation"
-    return (f"merged {summary['tensors']} tensors ({summary['elements']:,} weights, {summary['dtype']}) at alpha={a:g} "
-            f"({kind}) -> {summary['out']}")
+    return (
+        f"merged {summary['tensors']} tensors ({summary['elements']:,} weights, {summary['dtype']}) at alpha={a:g} "
+        f"({kind}) -> {summary['out']}"
+    )

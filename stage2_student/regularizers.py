@@ -9,12 +9,13 @@ Anchor penalty: (c/2) · Σ_i w_i (θ_i − θ0_i)², added to the per-token los
 The gradient c · w · (θ − θ0) is added to .grad after the backward pass: identical on every rank, so
 it needs no communication under DDP, and it costs no activation memory.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from storage.torch_data import IGNORE_INDEX, pad_inputs
+from .batch import IGNORE_INDEX
 
 
 class AnchorPenalty:
@@ -60,8 +61,8 @@ class AnchorPenalty:
 
 def sample_teacher_targets(batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Labels (B, T-1) drawn from the stored teacher top-k (renormalised) at every trained position."""
-    probs = batch["topk_logprobs"].float().softmax(-1)                             # (N, k)
-    pick = torch.multinomial(probs, 1, generator=generator)[:, 0]                   # (N,)
+    probs = batch["topk_logprobs"].float().softmax(-1)  # (N, k)
+    pick = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
     ids = batch["topk_ids"].gather(1, pick[:, None])[:, 0]
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
     labels[batch["label_mask"]] = ids
@@ -79,16 +80,21 @@ def estimate_fisher(model, batches: list[dict], device, seed: int) -> list[torch
     model.eval()  # no dropout: the Fisher of the deterministic base model
     for b in batches:
         for i in range(b["input_ids"].shape[0]):  # one sequence at a time: squared per-sequence gradients
-            one = {k: v[i:i + 1] for k, v in b.items() if k in ("input_ids", "attention_mask", "labels", "label_mask")}
-            rows = slice(int(b["label_mask"][:i].sum()), int(b["label_mask"][:i + 1].sum()))
+            one = {
+                k: v[i : i + 1] for k, v in b.items() if k in ("input_ids", "attention_mask", "labels", "label_mask")
+            }
+            rows = slice(int(b["label_mask"][:i].sum()), int(b["label_mask"][: i + 1].sum()))
             one["topk_ids"], one["topk_logprobs"] = b["topk_ids"][rows], b["topk_logprobs"][rows]
             if rows.stop == rows.start:
                 continue
             labels = sample_teacher_targets(one, g).to(device)
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=one["input_ids"].to(device), attention_mask=one["attention_mask"].to(device)).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                     ignore_index=IGNORE_INDEX)
+            logits = model(
+                input_ids=one["input_ids"].to(device), attention_mask=one["attention_mask"].to(device)
+            ).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
             loss.backward()
             for f, p in zip(fisher, params):
                 if p.grad is not None:
@@ -102,7 +108,8 @@ def estimate_fisher(model, batches: list[dict], device, seed: int) -> list[torch
 
 
 class ReplayStream:
-    """Sequences of a general corpus mixed into training: CE only (no stored teacher labels).
+    """Sequences of a general corpus mixed into training: CE only (no stored teacher labels); a micro-batch
+    of them is `batch.pad_inputs(rows)`.
 
     Order is a function of (seed, step, micro-batch, rank), like the main data, so resume and DDP stay exact."""
 
@@ -119,12 +126,7 @@ class ReplayStream:
         out = []
         while len(out) < n:
             perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(len(self.sequences))
-            take = perm[offset:offset + n - len(out)]
+            take = perm[offset : offset + n - len(out)]
             out += [self.sequences[int(i)] for i in take]
             epoch, offset = epoch + 1, 0
         return out
-
-
-def collate_plain(seqs: list, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Model inputs and CE labels for sequences without teacher labels (replay)."""
-    return pad_inputs(seqs, pad_id)

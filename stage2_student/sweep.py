@@ -8,104 +8,25 @@ Each configuration trains into OUT/runs/NAME; one whose model already exists is 
 interrupted sweep resumes. The first --eval-data entry named `target` (or the first entry) is the
 target; the others measure retention.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.atomic import atomic_write_json
 from storage.manifest import load_manifest
 
-from .config import StudentConfig
+from . import train
+from .config import StudentConfig, SweepConfig, parse_data, parse_floats
+from .evaluate import evaluate_models
+from .merge import merge_models
 
 log = logging.getLogger(__name__)
 
 
-def _floats(text: str | None, name: str) -> list[float]:
-    if text in (None, ""):
-        return []
-    try:
-        vals = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')} {text!r}: expected comma-separated numbers, e.g. 0,0.3,1")
-    if any(not math.isfinite(v) or v < 0 for v in vals):
-        raise ValueError(f"--{name.replace('_', '-')} {text!r}: values must be finite and >= 0")
-    return vals
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    run_dir: Path = field(metadata={"help": "Run directory of stored labels (from `pipeline teacher`)."})
-    out: Path = field(metadata={"help": "Sweep directory: runs/NAME per student, sweep.json, sweep.md, tradeoff.png."})
-    kl_weights: str = field(default="0,1", metadata={"help": "Comma-separated λ values (0 = direct fine-tuning)."})
-    lrs: str | None = field(default=None, metadata={"help": "Comma-separated learning rates crossed with the λ values (default: the student's --lr). Lower-lr direct fine-tuning is the honest baseline."})
-    l2_inits: str | None = field(default=None, metadata={"help": "Comma-separated L2-SP coefficients (baseline, λ=0, first lr)."})
-    ewc_weights: str | None = field(default=None, metadata={"help": "Comma-separated EWC coefficients (baseline, λ=0, first lr)."})
-    replay_ratios: str | None = field(default=None, metadata={"help": "Comma-separated replay ratios (baseline, λ=0, first lr; needs --replay-data)."})
-    merge_alphas: str | None = field(default=None, metadata={"help": "Comma-separated WiSE-FT α: base + α·(λ=0 model − base), per lr."})
-    eval_data: tuple = field(default=(), metadata={"help": "NAME=PATH held-out corpora (repeat); 'target' is the fine-tuning domain, the rest retention."})
-    eval_seq_len: int = field(default=256, metadata={"help": "Tokens per evaluation sequence."})
-    eval_max_sequences: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences per corpus."})
-    student: dict = field(default_factory=dict, metadata={"help": "Other StudentConfig fields shared by every student."})
-
-    def __post_init__(self):
-        object.__setattr__(self, "run_dir", Path(self.run_dir))
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "eval_data", tuple(self.eval_data))
-        problems = []
-        for name in ("kl_weights", "lrs", "l2_inits", "ewc_weights", "replay_ratios", "merge_alphas"):
-            try:
-                _floats(getattr(self, name), name)
-            except ValueError as e:
-                problems.append(str(e))
-        if not _floats(self.kl_weights, "kl_weights"):
-            problems.append("--kl-weights: give at least one λ")
-        if _floats(self.merge_alphas, "merge_alphas") and 0.0 not in _floats(self.kl_weights, "kl_weights"):
-            problems.append("--merge-alphas interpolates the λ=0 model: include 0 in --kl-weights")
-        if _floats(self.replay_ratios, "replay_ratios") and not self.student.get("replay_data"):
-            problems.append("--replay-ratios needs --replay-data")
-        bad = {k for k in self.student if k not in {f.name for f in dataclasses.fields(StudentConfig)}}
-        if bad:
-            problems.append(f"unknown student setting(s) {sorted(bad)}")
-        for k in ("run_dir", "out", "kl_weight", "resume"):
-            if k in self.student:
-                problems.append(f"student setting {k!r} is set by the sweep itself")
-        if self.eval_seq_len < 2:
-            problems.append("--eval-seq-len must be >= 2")
-        if problems:
-            raise ValueError("invalid sweep config:\n  " + "\n  ".join(problems))
-
-    def plan(self) -> list[tuple[str, dict, dict]]:
-        """[(name, StudentConfig overrides, description)] for every student to train."""
-        s = dict(self.student)
-        lrs = _floats(self.lrs, "lrs") or [s.get("lr", StudentConfig.__dataclass_fields__["lr"].default)]
-        out = []
-        for lr in lrs:
-            for lam in _floats(self.kl_weights, "kl_weights"):
-                out.append((f"kl{lam:g}_lr{lr:g}", {**s, "kl_weight": lam, "lr": lr},
-                            {"method": "direct fine-tuning" if lam == 0 else "label annealing", "kl_weight": lam, "lr": lr}))
-        lr0 = lrs[0]
-        for c in _floats(self.l2_inits, "l2_inits"):
-            out.append((f"l2_{c:g}_lr{lr0:g}", {**s, "kl_weight": 0.0, "lr": lr0, "l2_init": c},
-                        {"method": "L2-SP", "l2_init": c, "lr": lr0}))
-        for c in _floats(self.ewc_weights, "ewc_weights"):
-            out.append((f"ewc_{c:g}_lr{lr0:g}", {**s, "kl_weight": 0.0, "lr": lr0, "ewc": c},
-                        {"method": "EWC", "ewc": c, "lr": lr0}))
-        for r in _floats(self.replay_ratios, "replay_ratios"):
-            out.append((f"replay_{r:g}_lr{lr0:g}", {**s, "kl_weight": 0.0, "lr": lr0, "replay_ratio": r},
-                        {"method": "replay", "replay_ratio": r, "lr": lr0}))
-        return out
-
-
 def run(config: SweepConfig) -> dict:
-    from . import train
-    from .evaluate import evaluate_models
-    from .merge import merge_models
-
     spec = load_manifest(config.run_dir).spec
     base_name = config.student.get("model") or spec.teacher["name_or_path"]
     base_gguf = config.student.get("gguf_file") if config.student.get("model") else spec.teacher.get("gguf_file")
@@ -122,28 +43,42 @@ def run(config: SweepConfig) -> dict:
             log.info(train.summary_line(summary))
         models[name] = str(out / "model")
         rows[name] = {**desc, "model": str(out / "model")}
-    for alpha in _floats(config.merge_alphas, "merge_alphas"):
-        for lr in _floats(config.lrs, "lrs") or [config.student.get("lr", StudentConfig.__dataclass_fields__["lr"].default)]:
+    for alpha in parse_floats(config.merge_alphas, "merge_alphas"):
+        for lr in parse_floats(config.lrs, "lrs") or [
+            config.student.get("lr", StudentConfig.__dataclass_fields__["lr"].default)
+        ]:
             tuned = config.out / "runs" / f"kl0_lr{lr:g}" / "model"
             name = f"merge_{alpha:g}_lr{lr:g}"
             out = config.out / "runs" / name / "model"
             if not (out / "config.json").exists():
                 if base_gguf:
-                    raise ValueError("merging needs the base as a Hugging Face folder, not a GGUF file; convert it "
-                                     "first (see stage1_teacher.assets.smollm2_path for an example)")
+                    raise ValueError(
+                        "merging needs the base as a Hugging Face folder, not a GGUF file; convert it "
+                        "first (see demo.assets.smollm2_path for an example)"
+                    )
                 merge_models(base_name, str(tuned), alpha, out)
             models[name] = str(out)
             rows[name] = {"method": "WiSE-FT merge", "alpha": alpha, "lr": lr, "model": str(out)}
 
-    result = {"config": {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-                         "run_dir": str(config.run_dir), "out": str(config.out)}, "rows": rows}
+    result = {
+        "config": {
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+            "run_dir": str(config.run_dir),
+            "out": str(config.out),
+        },
+        "rows": rows,
+    }
     if config.eval_data:
-        from .evaluate import parse_data
-
         corpora, _ = parse_data(config.eval_data)
-        scores = evaluate_models({"base": base_name, **models}, base_name, corpora, seq_len=config.eval_seq_len,
-                                 max_sequences=config.eval_max_sequences,
-                                 gguf_files={"base": base_gguf} if base_gguf else None, base_gguf_file=base_gguf)
+        scores = evaluate_models(
+            {"base": base_name, **models},
+            base_name,
+            corpora,
+            seq_len=config.eval_seq_len,
+            max_sequences=config.eval_max_sequences,
+            gguf_files={"base": base_gguf} if base_gguf else None,
+            base_gguf_file=base_gguf,
+        )
         target = "target" if "target" in corpora else next(iter(corpora))
         for name, sc in scores.items():
             rows[name]["eval"] = sc["corpora"]
@@ -165,9 +100,16 @@ def tradeoff_table(rows: dict, target: str) -> list[dict]:
     table = []
     for name, r in rows.items():
         ev = r["eval"]
-        line = {"name": name, "method": r["method"], "lr": r.get("lr"),
-                "knob": next((f"{k}={r[k]:g}" for k in ("kl_weight", "l2_init", "ewc", "replay_ratio", "alpha") if k in r), ""),
-                "target_nll": ev[target]["nll"], "target_gain": base[target]["nll"] - ev[target]["nll"]}
+        line = {
+            "name": name,
+            "method": r["method"],
+            "lr": r.get("lr"),
+            "knob": next(
+                (f"{k}={r[k]:g}" for k in ("kl_weight", "l2_init", "ewc", "replay_ratio", "alpha") if k in r), ""
+            ),
+            "target_nll": ev[target]["nll"],
+            "target_gain": base[target]["nll"] - ev[target]["nll"],
+        }
         for c, v in ev.items():
             if c == target:
                 continue
@@ -185,8 +127,14 @@ def format_markdown(table: list[dict], target: str) -> str:
         head += [f"{c} NLL", f"{c} ΔNLL", f"{c} KL"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for l in table:
-        cells = [l["name"], l["method"], l["knob"], "" if l["lr"] is None else f"{l['lr']:g}",
-                 f"{l['target_nll']:.3f}", f"{l['target_gain']:+.3f}"]
+        cells = [
+            l["name"],
+            l["method"],
+            l["knob"],
+            "" if l["lr"] is None else f"{l['lr']:g}",
+            f"{l['target_nll']:.3f}",
+            f"{l['target_gain']:+.3f}",
+        ]
         for c in ret:
             kl = l.get(f"{c}_kl")
             cells += [f"{l[f'{c}_nll']:.3f}", f"{l[f'{c}_forgetting']:+.3f}", "-" if kl is None else f"{kl:.3f}"]
@@ -196,7 +144,7 @@ def format_markdown(table: list[dict], target: str) -> str:
 
 def plot_tradeoff(table: list[dict], target: str, path: Path) -> None:
     """Target gain (up is better) against forgetting on the first retention corpus (left is better)."""
-    import matplotlib
+    import matplotlib  # optional extra [plot]; run() catches the ImportError
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

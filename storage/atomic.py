@@ -3,6 +3,7 @@
 A file that exists under its final name is therefore complete; a `.tmp` left by a killed
 process is never read and is removed by the next writer.
 """
+
 from __future__ import annotations
 
 import json

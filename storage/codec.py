@@ -21,6 +21,7 @@ mass outside the top k (the tail). Three knobs:
 
 Ids use uint16 when the vocabulary fits (≤ 65,536), uint32 otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -158,8 +159,14 @@ def encode_positions(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, en
     return ids_np.reshape(-1), lp_np.reshape(-1), tail_np
 
 
-def decode_positions(ids_flat: np.ndarray, lp_flat: np.ndarray, tail_flat: np.ndarray, k: int, enc: Encoding,
-                     counts: np.ndarray | None = None):
+def decode_positions(
+    ids_flat: np.ndarray,
+    lp_flat: np.ndarray,
+    tail_flat: np.ndarray,
+    k: int,
+    enc: Encoding,
+    counts: np.ndarray | None = None,
+):
     """Inverse of encode_positions: (N, K) int32 ids, (N, K) float32 log-probs sorted descending, (N,) tail.
     With `counts` (entries per position), positions are padded to K with id -1 and log-prob -inf."""
     n = tail_flat.shape[0]
@@ -167,7 +174,9 @@ def decode_positions(ids_flat: np.ndarray, lp_flat: np.ndarray, tail_flat: np.nd
         valid = np.arange(k)[None, :] < counts[:, None]
         ids = np.full((n, k), -1, dtype=np.int64)
         ids[valid] = ids_flat
-        lp_codes = np.zeros((n, k), dtype=lp_flat.dtype) if enc.quantised() else np.full((n, k), -np.inf, dtype=np.float32)
+        lp_codes = (
+            np.zeros((n, k), dtype=lp_flat.dtype) if enc.quantised() else np.full((n, k), -np.inf, dtype=np.float32)
+        )
         lp_codes[valid] = lp_flat
     else:
         valid = None

@@ -31,5 +31,7 @@ class RunWriteError(StorageError):
 
     @classmethod
     def from_os_error(cls, path, error: OSError, then: str) -> "RunWriteError":
-        return cls(f"{path}: could not be written ({error.strerror or error}); nothing partial was kept under its "
-                   f"final name. Free space on that filesystem (or fix the cause), then {then}")
+        return cls(
+            f"{path}: could not be written ({error.strerror or error}); nothing partial was kept under its "
+            f"final name. Free space on that filesystem (or fix the cause), then {then}"
+        )

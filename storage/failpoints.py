@@ -21,6 +21,7 @@ Several specs are separated by `;`. The field `hit=N` acts on the Nth matching c
 without it, the first match acts. The calls are cheap enough for per-row-group and per-checkpoint steps, not for
 per-token loops. Like etcd's gofail or FreeBSD's fail(9), this is a test hook: nothing sets the variable in production.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,10 @@ def parse(text: str) -> list[_Spec]:
     for part in filter(str.strip, text.split(";")):
         m = _SPEC_RE.match(part)
         if not m or m.group(3) not in ACTIONS:
-            raise ValueError(f"{ENV}: cannot parse {part!r}; expected NAME{{field=value,...}}=ACTION with ACTION one of "
-                             f"{', '.join(ACTIONS)}")
+            raise ValueError(
+                f"{ENV}: cannot parse {part!r}; expected NAME{{field=value,...}}=ACTION with ACTION one of "
+                f"{', '.join(ACTIONS)}"
+            )
         fields = {}
         for kv in filter(str.strip, (m.group(2) or "").split(",")):
             k, sep, v = kv.partition("=")

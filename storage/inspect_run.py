@@ -1,10 +1,13 @@
 """`pipeline inspect RUN_DIR`: what a run holds, as a table or JSON."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import build_manifest, load_manifest, load_run_spec, missing_shards, present_shards
+from .capture import DEFAULT_MODE, MODES, CaptureMode, mode_of
 from .errors import IncompleteRunError
+from .manifest import build_manifest, load_manifest, missing_shards, present_shards
+from .spec import load_run_spec
 
 
 def summarize(run_dir: Path) -> dict:
@@ -15,43 +18,67 @@ def summarize(run_dir: Path) -> dict:
     except IncompleteRunError:
         spec = load_run_spec(run_dir)
         if missing_shards(run_dir, spec):
-            return {"run_dir": str(run_dir), "finalized": False, "fingerprint": spec.fingerprint,
-                    "num_shards": spec.num_shards, "present_shards": sorted(present_shards(run_dir, spec)),
-                    "missing_shards": missing_shards(run_dir, spec), "k": spec.k,
-                    "teacher": spec.teacher.get("name_or_path"), "seq_len": spec.seq_len}
+            return {
+                "run_dir": str(run_dir),
+                "finalized": False,
+                "fingerprint": spec.fingerprint,
+                "num_shards": spec.num_shards,
+                "present_shards": sorted(present_shards(run_dir, spec)),
+                "missing_shards": missing_shards(run_dir, spec),
+                "k": spec.k,
+                "teacher": spec.teacher.get("name_or_path"),
+                "seq_len": spec.seq_len,
+            }
         m = build_manifest(run_dir, write=False)
         finalized = False
     s = m.spec
     return {
-        "run_dir": str(run_dir), "finalized": finalized, "fingerprint": s.fingerprint,
-        "format_version": s.format_version, "teacher": s.teacher.get("name_or_path"),
-        "teacher_dtype": s.teacher.get("dtype"), "engine": s.capture.get("engine"),
-        "tokenizer_hash": s.tokenizer.get("hash"), "vocab_size": s.vocab_size, "k": s.k,
-        "encoding": s.encoding, "seq_len": s.seq_len, "num_shards": s.num_shards,
-        "rows": m.rows, "trained_tokens": m.trained_tokens, "bytes": m.bytes,
+        "run_dir": str(run_dir),
+        "finalized": finalized,
+        "fingerprint": s.fingerprint,
+        "format_version": s.format_version,
+        "teacher": s.teacher.get("name_or_path"),
+        "teacher_dtype": s.teacher.get("dtype"),
+        "engine": s.capture.get("engine"),
+        "tokenizer_hash": s.tokenizer.get("hash"),
+        "vocab_size": s.vocab_size,
+        "k": s.k,
+        "encoding": s.encoding,
+        "seq_len": s.seq_len,
+        "num_shards": s.num_shards,
+        "rows": m.rows,
+        "trained_tokens": m.trained_tokens,
+        "bytes": m.bytes,
         "bytes_per_trained_token": m.bytes / max(m.trained_tokens, 1),
-        "mean_topk_mass": m.mean_topk_mass, "capture": dict(s.capture),
-        "shards": [{"name": r.name, "rows": r.rows, "trained_tokens": r.trained_tokens, "bytes": r.bytes}
-                   for r in m.shards],
+        "mean_topk_mass": m.mean_topk_mass,
+        "capture": dict(s.capture),
+        "shards": [
+            {"name": r.name, "rows": r.rows, "trained_tokens": r.trained_tokens, "bytes": r.bytes} for r in m.shards
+        ],
     }
 
 
 def format_table(info: dict) -> str:
     if not info["finalized"] and "missing_shards" in info:
-        return (f"{info['run_dir']}: NOT FINALIZED — {len(info['missing_shards'])} of {info['num_shards']} "
-                f"shards missing: {info['missing_shards'][:20]}\nteacher {info['teacher']}, k={info['k']}")
+        return (
+            f"{info['run_dir']}: NOT FINALIZED — {len(info['missing_shards'])} of {info['num_shards']} "
+            f"shards missing: {info['missing_shards'][:20]}\nteacher {info['teacher']}, k={info['k']}"
+        )
+    cap = info.get("capture") or {}
+    mode = _mode(cap)
     lines = [
         f"run               {info['run_dir']}{'' if info['finalized'] else '  (manifest not written yet)'}",
         f"teacher           {info['teacher']} ({info['teacher_dtype']}, engine {info['engine']})",
         f"tokenizer         {info['tokenizer_hash'][:16]}…  vocab {info['vocab_size']}",
-        f"capture           {_capture_text(info.get('capture') or {})}",
-        f"k                 {info['k']}   encoding {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
+        f"capture           {mode.describe(cap)}",
+        f"k                 {info['k']}   "
+        f"encoding {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
         f"seq_len           {info['seq_len']}",
         f"rows              {info['rows']:,}",
         f"trained tokens    {info['trained_tokens']:,}",
         f"bytes             {info['bytes']:,}  ({info['bytes_per_trained_token']:.1f} B / trained token)",
         f"stored mass       {info['mean_topk_mass']:.4f} (mean teacher probability of the stored ids"
-        + (": the distinct drawn tokens)" if (info.get("capture") or {}).get("mode") == "sample" else ")"),
+        + (f": {mode.mass_note})" if mode.mass_note else ")"),
         "",
         f"{'shard':<32} {'rows':>8} {'trained':>12} {'bytes':>12}",
     ]
@@ -60,12 +87,10 @@ def format_table(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _capture_text(cap: dict) -> str:
-    mode = cap.get("mode", "topk")
-    if mode == "sample":
-        return f"sample: {cap.get('draws')} draws per position from the full distribution (seed {cap.get('seed')})"
-    if mode == "hybrid":
-        return f"hybrid: exact top {cap.get('head_k')} + {cap.get('draws')} tail draws (seed {cap.get('seed')})"
-    if mode == "topp":
-        return f"topp: smallest prefix holding {cap.get('top_p')} of the mass, {cap.get('min_k')}..{cap.get('max_k')} ids"
-    return "topk: the top k ids + the tail mass"
+def _mode(cap: dict) -> CaptureMode:
+    # Lenient on purpose: inspect still shows a run whose mode this version does not know (as topk,
+    # as it always has) instead of failing; stage 2 refuses such a run (storage.capture.mode_of).
+    try:
+        return mode_of(cap)
+    except ValueError:
+        return MODES[DEFAULT_MODE]

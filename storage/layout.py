@@ -1,10 +1,11 @@
 """Names and constants of a run directory:
 
-    <run>/run.json                        the run spec (settings + fingerprint), written first
-    <run>/manifest.json                   spec + one entry per shard, written when all shards exist
-    <run>/shards/part-00000-of-00064.parquet           a complete shard (zstd Parquet)
-    <run>/shards/part-00000-of-00064.parquet.receipt.json   its receipt: rows, bytes, sha256, ...
+<run>/run.json                        the run spec (settings + fingerprint), written first
+<run>/manifest.json                   spec + one entry per shard, written when all shards exist
+<run>/shards/part-00000-of-00064.parquet           a complete shard (zstd Parquet)
+<run>/shards/part-00000-of-00064.parquet.receipt.json   its receipt: rows, bytes, sha256, ...
 """
+
 from __future__ import annotations
 
 import re

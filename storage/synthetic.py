@@ -1,4 +1,5 @@
 """Realistic-looking synthetic teacher labels (Zipf-like distributions) for tests and benchmarks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,8 @@ import numpy as np
 
 from .codec import Encoding
 from .layout import shard_path
-from .manifest import RunSpec, build_manifest, claim_run_dir
+from .manifest import build_manifest
+from .spec import RunSpec, claim_run_dir
 from .writer import ShardWriter
 
 
@@ -29,15 +31,28 @@ def synthetic_topk(rng: np.random.Generator, n: int, vocab_size: int, k: int):
     return ids.astype(np.int32), top_lp.astype(np.float32), tail.astype(np.float32)
 
 
-def synthetic_spec(*, k: int = 8, vocab_size: int = 512, num_shards: int = 2, num_sequences: int = 10,
-                   seq_len: int = 32, encoding: Encoding | None = None, teacher: str = "synthetic") -> RunSpec:
+def synthetic_spec(
+    *,
+    k: int = 8,
+    vocab_size: int = 512,
+    num_shards: int = 2,
+    num_sequences: int = 10,
+    seq_len: int = 32,
+    encoding: Encoding | None = None,
+    teacher: str = "synthetic",
+) -> RunSpec:
     return RunSpec(
         teacher={"name_or_path": teacher, "config_sha256": "0" * 64, "weights_sha256": "0" * 64, "dtype": "float32"},
         tokenizer={"hash": "synthetic-tokenizer", "vocab_size": vocab_size, "eos_token_id": 0, "pad_token_id": 0},
-        vocab_size=vocab_size, k=k, encoding=(encoding or Encoding()).to_dict(),
+        vocab_size=vocab_size,
+        k=k,
+        encoding=(encoding or Encoding()).to_dict(),
         capture={"engine": "synthetic", "dtype": "float32", "mode": "topk"},
-        corpus={"fingerprint": "synthetic", "source": "synthetic"}, seq_len=seq_len,
-        num_shards=num_shards, num_sequences=num_sequences)
+        corpus={"fingerprint": "synthetic", "source": "synthetic"},
+        seq_len=seq_len,
+        num_shards=num_shards,
+        num_sequences=num_sequences,
+    )
 
 
 def synthetic_rows(spec: RunSpec, seed: int = 0):
@@ -56,8 +71,14 @@ def write_synthetic_run(run_dir: Path, spec: RunSpec, seed: int = 0, finalize: b
     enc = Encoding.from_dict(spec.encoding)
     rows = list(synthetic_rows(spec, seed))
     for i in range(spec.num_shards):
-        with ShardWriter(shard_path(run_dir, i, spec.num_shards), fingerprint=spec.fingerprint, k=spec.k,
-                         vocab_size=spec.vocab_size, encoding=enc, row_group_rows=4) as w:
+        with ShardWriter(
+            shard_path(run_dir, i, spec.num_shards),
+            fingerprint=spec.fingerprint,
+            k=spec.k,
+            vocab_size=spec.vocab_size,
+            encoding=enc,
+            row_group_rows=4,
+        ) as w:
             for shard, *row in rows:
                 if shard == i:
                     w.add(*row)

@@ -1,11 +1,10 @@
 """Write one shard atomically: row groups stream into `<shard>.<pid>.tmp`, then the receipt is
 written and the tmp file is renamed to its final name. A shard under its final name is complete."""
+
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,42 +16,22 @@ from .atomic import atomic_write_json, commit, remove_stale_tmp, tmp_path
 from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
 from .errors import RunWriteError
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
+from .receipt import ShardReceipt, sha256_file
 
 ROW_GROUP_ROWS = 256
 
 _ROW_GROUP_WRITTEN = failpoints.declare(
-    "shard.row_group_written", "row group N (1-based) of the shard is in its .tmp file; fields shard, row_group")
+    "shard.row_group_written", "row group N (1-based) of the shard is in its .tmp file; fields shard, row_group"
+)
 _RECEIPT_WRITTEN = failpoints.declare(
-    "shard.receipt_written", "the shard's .tmp file is closed and its receipt written; not yet renamed; field shard")
+    "shard.receipt_written", "the shard's .tmp file is closed and its receipt written; not yet renamed; field shard"
+)
 _COMMITTED = failpoints.declare("shard.committed", "the shard is under its final name; field shard")
 
 
-@dataclass(frozen=True)
-class ShardReceipt:
-    """What a finished shard holds; the manifest is the list of these plus the run spec."""
-
-    name: str
-    index: int
-    num_shards: int
-    rows: int
-    tokens: int
-    trained_tokens: int
-    topk_mass_sum: float  # Σ over trained positions of the teacher mass inside the top k
-    bytes: int
-    sha256: str
-    fingerprint: str
-    format_version: int = FORMAT_VERSION
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardReceipt":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-
-
-def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str], *, variable: bool = False,
-                 sampled: bool = False) -> pa.Schema:
+def shard_schema(
+    vocab_size: int, enc: Encoding, metadata: dict[str, str], *, variable: bool = False, sampled: bool = False
+) -> pa.Schema:
     optional = []
     if variable:  # entries per trained position (top-p, sampled labels)
         optional.append(pa.field("label_counts", pa.list_(pa.uint16()), nullable=False))
@@ -72,14 +51,6 @@ def shard_schema(vocab_size: int, enc: Encoding, metadata: dict[str, str], *, va
     )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -93,8 +64,18 @@ class ShardWriter:
     nothing partial is ever left under the final name.
     """
 
-    def __init__(self, path: Path, *, fingerprint: str, k: int, vocab_size: int, encoding: Encoding,
-                 row_group_rows: int = ROW_GROUP_ROWS, variable: bool = False, sampled: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fingerprint: str,
+        k: int,
+        vocab_size: int,
+        encoding: Encoding,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        variable: bool = False,
+        sampled: bool = False,
+    ):
         self.path = Path(path)
         parsed = parse_shard_name(self.path.name)
         if parsed is None:
@@ -130,9 +111,16 @@ class ShardWriter:
         self._last_sample_id = None
         self._row_groups = 0
 
-    def add(self, sample_id: int, input_ids: np.ndarray, label_mask: np.ndarray, topk_ids: np.ndarray,
-            topk_logprobs: np.ndarray, tail_logprob: np.ndarray | None = None,
-            sample_counts: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        sample_id: int,
+        input_ids: np.ndarray,
+        label_mask: np.ndarray,
+        topk_ids: np.ndarray,
+        topk_logprobs: np.ndarray,
+        tail_logprob: np.ndarray | None = None,
+        sample_counts: np.ndarray | None = None,
+    ) -> None:
         """One sequence. `label_mask` is bool (T-1,): True where predicting input_ids[t+1] is trained.
         `topk_ids`/`topk_logprobs` are (n_trained, k) sorted by descending log-prob; `tail_logprob`
         is (n_trained,), derived from the top k when not given. In a variable run a position's entries
@@ -150,18 +138,24 @@ class ShardWriter:
             raise ValueError(f"{where}: label_mask must have shape ({T - 1},), got {label_mask.shape}")
         n = int(label_mask.sum())
         if topk_ids.shape != (n, self.k) or topk_logprobs.shape != (n, self.k):
-            raise ValueError(f"{where}: top-k arrays must have shape ({n}, {self.k}) (trained positions, k); "
-                             f"got ids {topk_ids.shape}, logprobs {topk_logprobs.shape}")
+            raise ValueError(
+                f"{where}: top-k arrays must have shape ({n}, {self.k}) (trained positions, k); "
+                f"got ids {topk_ids.shape}, logprobs {topk_logprobs.shape}"
+            )
         valid = topk_ids >= 0
         if not valid.all():
             if not self.variable:
-                raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids.min()} "
-                                 f"(padding with -1 is only allowed in a variable-count run)")
+                raise ValueError(
+                    f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids.min()} "
+                    f"(padding with -1 is only allowed in a variable-count run)"
+                )
             if (np.diff(valid.astype(np.int8), axis=1) > 0).any() or not valid[:, 0].all():
                 raise ValueError(f"{where}: each position's entries must be a non-empty prefix followed by -1 padding")
             topk_logprobs = np.where(valid, topk_logprobs, -np.inf).astype(np.float32)
         if n and (topk_ids.max() >= self.vocab_size or topk_ids[valid].min() < 0):
-            raise ValueError(f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids[valid].min()}..{topk_ids.max()}")
+            raise ValueError(
+                f"{where}: top-k ids must lie in [0, {self.vocab_size}); got {topk_ids[valid].min()}..{topk_ids.max()}"
+            )
         if self.sampled:
             if sample_counts is None or np.shape(sample_counts) != (n, self.k):
                 raise ValueError(f"{where}: a sampled run needs sample_counts of shape ({n}, {self.k})")
@@ -189,8 +183,9 @@ class ShardWriter:
         if self._last_sample_id is not None and sample_id <= self._last_sample_id:
             raise ValueError(f"{where}: sample ids must increase within a shard (previous {self._last_sample_id})")
         self._last_sample_id = sample_id
-        self._buf.append((int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail,
-                          sample_counts))
+        self._buf.append(
+            (int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail, sample_counts)
+        )
         self.rows += 1
         self.tokens += T
         self.trained_tokens += n
@@ -208,7 +203,8 @@ class ShardWriter:
         self._buf = []
         all_ids = np.concatenate(ids)
         ids_np, lp_np, tail_np = encode_positions(
-            all_ids, np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size)
+            all_ids, np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size
+        )
         n_per_row = [len(t) for t in tails]
         # Stored entries per row: k per position, or the sum of the positions' counts.
         entries = [int((x >= 0).sum()) for x in ids] if self.variable else [n * self.k for n in n_per_row]
@@ -232,12 +228,18 @@ class ShardWriter:
             schema=self.schema,
         )
         if self._writer is None:
-            split_cols = [c for c in ("topk_logprobs", "tail_logprob")
-                          if pa.types.is_floating(self.schema.field(c).type.value_type)]
+            split_cols = [
+                c
+                for c in ("topk_logprobs", "tail_logprob")
+                if pa.types.is_floating(self.schema.field(c).type.value_type)
+            ]
             if self.encoding.ids_byte_stream_split:
                 split_cols.append("topk_ids")
             self._writer = pq.ParquetWriter(
-                self.tmp, self.schema, compression="zstd", compression_level=self.encoding.zstd_level,
+                self.tmp,
+                self.schema,
+                compression="zstd",
+                compression_level=self.encoding.zstd_level,
                 # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
                 use_dictionary=False,
                 # Integer BYTE_STREAM_SPLIT needs Parquet 2.11 readers (pyarrow >= 16); see Encoding.
@@ -252,17 +254,28 @@ class ShardWriter:
         """Finish the file, write its receipt, and rename it into place. Returns the receipt."""
         if self.rows == 0:
             raise ValueError(f"{self.path.name}: refusing to write an empty shard")
-        stats = {"rows": self.rows, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
-                 "topk_mass_sum": self.topk_mass_sum}
+        stats = {
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "topk_mass_sum": self.topk_mass_sum,
+        }
         try:
             self._flush()
             self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats)})
             self._writer.close()
             self._writer = None
             receipt = ShardReceipt(
-                name=self.path.name, index=self.index, num_shards=self.num_shards, rows=self.rows,
-                tokens=self.tokens, trained_tokens=self.trained_tokens, topk_mass_sum=self.topk_mass_sum,
-                bytes=os.path.getsize(self.tmp), sha256=sha256_file(self.tmp), fingerprint=self.fingerprint,
+                name=self.path.name,
+                index=self.index,
+                num_shards=self.num_shards,
+                rows=self.rows,
+                tokens=self.tokens,
+                trained_tokens=self.trained_tokens,
+                topk_mass_sum=self.topk_mass_sum,
+                bytes=os.path.getsize(self.tmp),
+                sha256=sha256_file(self.tmp),
+                fingerprint=self.fingerprint,
             )
             # Receipt first, then the shard: a shard under its final name always has a receipt.
             atomic_write_json(receipt_path(self.path), receipt.to_dict())
@@ -275,7 +288,8 @@ class ShardWriter:
 
     def _write_error(self, e: OSError) -> RunWriteError:
         return RunWriteError.from_os_error(
-            self.path, e, "re-run the same `pipeline teacher` command: finished shards are kept, this one is redone")
+            self.path, e, "re-run the same `pipeline teacher` command: finished shards are kept, this one is redone"
+        )
 
     def abort(self) -> None:
         if self._writer is not None:

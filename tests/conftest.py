@@ -14,12 +14,12 @@ import pytest
 # `tests` is not a package; make `tiny_models` importable from any test module and bench.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import build_tiny_model, build_tiny_tokenizer, write_tiny_corpus  # noqa: E402
-
 # Property tests: the default run (CI, `make test`) replays the same examples every time, so a landing
 # never depends on the draw; `HYPOTHESIS_PROFILE=explore` searches 20x wider with fresh random seeds
 # and is how new counterexamples are hunted (then pinned with @example).
 import os  # noqa: E402
+
+from tiny_models import build_tiny_model, build_tiny_tokenizer, write_tiny_corpus  # noqa: E402
 
 try:  # the vLLM and Ray venvs run their own tests without hypothesis
     from hypothesis import settings

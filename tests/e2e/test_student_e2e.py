@@ -1,5 +1,6 @@
 """`pipeline student` end to end on the tiny model: λ keeps the student near the teacher, resume after
 SIGKILL equals an uninterrupted run, accumulation and DDP are exact, mismatches are refused."""
+
 from __future__ import annotations
 
 import json
@@ -11,22 +12,26 @@ import sys
 import numpy as np
 import pytest
 import torch
+from e2e_helpers import REPO, cli, spawn
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from e2e_helpers import REPO, cli, spawn
 from stage2_student import checkpoint as ckpt
+from stage2_student.batch import collate_labels
 from storage import RunReader
 from storage.failpoints import ENV as FAILPOINTS_ENV
-from storage.torch_data import collate_labels
 
 
 def exact_kl_per_token(teacher, student, rows) -> float:
     """Mean full-vocabulary KL(teacher‖student) over the trained positions of `rows`."""
     b = collate_labels(rows)
     with torch.no_grad():
-        t = torch.log_softmax(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
-        s = torch.log_softmax(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
+        t = torch.log_softmax(
+            teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1
+        )
+        s = torch.log_softmax(
+            student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1
+        )
     m = b["label_mask"]
     return float((t.exp() * (t - s)).sum(-1)[m].mean())
 
@@ -34,7 +39,9 @@ def exact_kl_per_token(teacher, student, rows) -> float:
 def train_ce(model, rows) -> float:
     b = collate_labels(rows)
     with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1)
+        lp = torch.log_softmax(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), -1
+        )
     m = b["label_mask"]
     return float(-lp.gather(-1, b["input_ids"][:, 1:, None])[..., 0][m].mean())
 
@@ -43,10 +50,38 @@ def train_ce(model, rows) -> float:
 def test_kl_weight_keeps_student_near_teacher(tmp_path, tiny_run, tiny_model_dir, tiny_corpus_dir):
     # Held-out text: the chat corpus, never trained on.
     held = tmp_path / "held"
-    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--messages-field", "messages",
-        "--train-on-prompt", "--out", held, "--capture", "topk", "--top-k", 4, "--seq-len", 32)
-    common = ["--run-dir", tiny_run, "--max-steps", 30, "--batch-size", 8, "--lr", 3e-3, "--lr-schedule", "constant",
-              "--verify", "size"]
+    cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "chat.jsonl",
+        "--messages-field",
+        "messages",
+        "--train-on-prompt",
+        "--out",
+        held,
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+    )
+    common = [
+        "--run-dir",
+        tiny_run,
+        "--max-steps",
+        30,
+        "--batch-size",
+        8,
+        "--lr",
+        3e-3,
+        "--lr-schedule",
+        "constant",
+        "--verify",
+        "size",
+    ]
     cli("student", *common, "--out", tmp_path / "lam0", "--kl-weight", 0)
     cli("student", *common, "--out", tmp_path / "lam3", "--kl-weight", 3)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -69,12 +104,28 @@ def _weights(d):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_run):
-    args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", 40, "--batch-size", 2, "--lr", 1e-3,
-            "--warmup-steps", 3, "--verify", "size"]
+    args = [
+        "--run-dir",
+        tiny_run,
+        "--kl-weight",
+        1,
+        "--max-steps",
+        40,
+        "--batch-size",
+        2,
+        "--lr",
+        1e-3,
+        "--warmup-steps",
+        3,
+        "--verify",
+        "size",
+    ]
     cli("student", *args, "--out", tmp_path / "ref")
     out = tmp_path / "killed"
     # The process kills itself right after checkpoint 4 is renamed into place (storage/failpoints.py).
-    p = spawn("student", *args, "--out", out, "--save-every", 1, env={FAILPOINTS_ENV: "checkpoint.renamed{step=4}=kill"})
+    p = spawn(
+        "student", *args, "--out", out, "--save-every", 1, env={FAILPOINTS_ENV: "checkpoint.renamed{step=4}=kill"}
+    )
     log, _ = p.communicate()
     assert p.returncode == -signal.SIGKILL, log[-2000:]
     assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, 4)
@@ -95,20 +146,27 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_run):
 
 
 def test_gradient_accumulation_is_exact(tiny_run, tiny_model_dir):
+    import dataclasses
+
     from accelerate import Accelerator
 
     from stage2_student.config import StudentConfig
     from stage2_student.train import accumulate_gradients
-
-    import dataclasses
 
     rows = []
     for i, r in enumerate(list(RunReader(tiny_run, verify="none"))[:6]):
         keep = 3 + 5 * i  # untrain the tail of each sequence: uneven trained positions per row
         mask = r.label_mask.copy()
         mask[np.flatnonzero(mask)[keep:]] = False
-        rows.append(dataclasses.replace(r, label_mask=mask, topk_ids=r.topk_ids[:keep],
-                                        topk_logprobs=r.topk_logprobs[:keep], tail_logprob=r.tail_logprob[:keep]))
+        rows.append(
+            dataclasses.replace(
+                r,
+                label_mask=mask,
+                topk_ids=r.topk_ids[:keep],
+                topk_logprobs=r.topk_logprobs[:keep],
+                tail_logprob=r.tail_logprob[:keep],
+            )
+        )
     counts = [int(r.label_mask.sum()) for r in rows]
     assert len(set(counts)) > 1, "uneven numbers of trained positions per micro-batch"
     cfg = StudentConfig(run_dir=tiny_run, out="unused", kl_weight=0.7)
@@ -137,8 +195,21 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_ru
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # --standalone: the rendezvous store binds port 0, so the OS picks a free port. A fixed --master-port made
     # this test fail with EADDRINUSE whenever another copy of the suite ran it at the same time.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "pipeline.py"), "student", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "pipeline.py"),
+        "student",
+        *map(str, args),
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -160,14 +231,31 @@ def test_student_with_other_tokenizer_is_refused(tmp_path, tiny_run):
     a, b = list(vocab)[300], list(vocab)[301]
     vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped
     (other / "tokenizer.json").write_text(json.dumps(tok))
-    r = cli("student", "--run-dir", tiny_run, "--out", tmp_path / "s", "--model", other, "--max-steps", 1, expect_ok=False)
+    r = cli(
+        "student", "--run-dir", tiny_run, "--out", tmp_path / "s", "--model", other, "--max-steps", 1, expect_ok=False
+    )
     assert r.exit_code != 0 and "tokenizer.hash" in r.output
 
 
 def test_final_model_loads_and_lora_trains(tmp_path, tiny_run):
     out = tmp_path / "lora"
-    cli("student", "--run-dir", tiny_run, "--out", out, "--max-steps", 2, "--batch-size", 2, "--lora-r", 4, "--lr", 1e-2,
-        "--verify", "size")
+    cli(
+        "student",
+        "--run-dir",
+        tiny_run,
+        "--out",
+        out,
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--lora-r",
+        4,
+        "--lr",
+        1e-2,
+        "--verify",
+        "size",
+    )
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in n for n, _ in model.named_parameters()), "adapters are merged on save"
     assert set(os.listdir(out)) >= {"config.json", "metrics.jsonl", "model"}
@@ -181,8 +269,20 @@ def _distance(a, b, keys=None):
 
 @pytest.mark.slow
 def test_l2_and_ewc_pull_weights_toward_init_and_replay_is_mixed(tmp_path, tiny_run, tiny_model_dir, tiny_corpus_dir):
-    common = ["--run-dir", tiny_run, "--kl-weight", 0, "--max-steps", 6, "--batch-size", 4, "--lr", 1e-2,
-              "--verify", "size"]
+    common = [
+        "--run-dir",
+        tiny_run,
+        "--kl-weight",
+        0,
+        "--max-steps",
+        6,
+        "--batch-size",
+        4,
+        "--lr",
+        1e-2,
+        "--verify",
+        "size",
+    ]
     cli("student", *common, "--out", tmp_path / "plain")
     cli("student", *common, "--out", tmp_path / "l2", "--l2-init", 50)
     cli("student", *common, "--out", tmp_path / "ewc", "--ewc", 5000, "--ewc-sequences", 4)
@@ -207,8 +307,20 @@ def test_l2_and_ewc_pull_weights_toward_init_and_replay_is_mixed(tmp_path, tiny_
 def test_offline_full_distribution_equals_online_teacher(tmp_path, tiny_run, tiny_model_dir):
     """Stored labels holding the whole distribution (k = vocab, lossless) train exactly like the online
     teacher: same loss at every step and the same weights after a few steps."""
-    args = ["--run-dir", tiny_run, "--kl-weight", 2, "--max-steps", 4, "--batch-size", 3, "--lr", 5e-3,
-            "--verify", "size"]
+    args = [
+        "--run-dir",
+        tiny_run,
+        "--kl-weight",
+        2,
+        "--max-steps",
+        4,
+        "--batch-size",
+        3,
+        "--lr",
+        5e-3,
+        "--verify",
+        "size",
+    ]
     cli("student", *args, "--out", tmp_path / "offline")
     cli("student", *args, "--out", tmp_path / "online", "--teacher-online", tiny_model_dir)
     off = [json.loads(l) for l in (tmp_path / "offline" / "metrics.jsonl").read_text().splitlines()]
@@ -233,7 +345,7 @@ def test_fused_head_gradients_match_the_logits_path(tiny_run, tiny_model_dir, ti
     from accelerate import Accelerator
 
     from stage2_student.config import StudentConfig
-    from stage2_student.head import fused_head_for
+    from stage2_student.lm_head_bypass import fused_head_for
     from stage2_student.train import accumulate_gradients
 
     rows = list(RunReader(tiny_run, verify="none"))[:4]

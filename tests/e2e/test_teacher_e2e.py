@@ -1,17 +1,17 @@
 """`pipeline teacher` end to end on the tiny model: values, chat masks, resume after SIGKILL, split work."""
+
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
+from e2e_helpers import assert_same_run, big_corpus, cli, spawn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from e2e_helpers import assert_same_run, big_corpus, cli, spawn
-from storage import Encoding, RunReader, load_manifest
+from storage import Encoding, RunReader
 from storage.failpoints import ENV as FAILPOINTS_ENV
 
 
@@ -27,8 +27,27 @@ def reference_topk(model, input_ids: np.ndarray, k: int):
 @pytest.mark.parametrize("encoding", ["exact", "compact"])
 def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny_corpus_dir, encoding):
     out = tmp_path / "run"
-    res = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
-              "--capture", "topk", "--top-k", 16, "--seq-len", 48, "--num-shards", 3, "--batch-size", 5, "--encoding", encoding)
+    res = cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--out",
+        out,
+        "--capture",
+        "topk",
+        "--top-k",
+        16,
+        "--seq-len",
+        48,
+        "--num-shards",
+        3,
+        "--batch-size",
+        5,
+        "--encoding",
+        encoding,
+    )
     assert "finalized" in res.output and "B/trained token" in res.output
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     bound = Encoding.parse(encoding).logprob_error_bound()
@@ -52,8 +71,25 @@ def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny
 
 def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_corpus_dir):
     out = tmp_path / "chat"
-    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "chat.jsonl", "--out", out,
-        "--messages-field", "messages", "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--encoding", "exact")
+    cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "chat.jsonl",
+        "--out",
+        out,
+        "--messages-field",
+        "messages",
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        64,
+        "--encoding",
+        "exact",
+    )
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     rows = list(RunReader(out))
@@ -72,8 +108,24 @@ def test_chat_run_trains_only_assistant_tokens(tmp_path, tiny_model_dir, tiny_co
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_corpus_dir):
     data = big_corpus(tmp_path / "big.jsonl", tiny_corpus_dir, copies=12)
-    args = ["--model", tiny_model_dir, "--data", data, "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--num-shards", 8,
-            "--batch-size", 1, "--encoding", "exact"]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        64,
+        "--num-shards",
+        8,
+        "--batch-size",
+        1,
+        "--encoding",
+        "exact",
+    ]
     cli("teacher", *args, "--out", tmp_path / "ref")
 
     out = tmp_path / "killed"
@@ -96,8 +148,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, tiny
 
 @pytest.mark.slow
 def test_two_processes_split_the_work(tmp_path, tiny_model_dir, tiny_corpus_dir):
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
-            "--num-shards", 3]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        32,
+        "--num-shards",
+        3,
+    ]
     cli("teacher", *args, "--out", tmp_path / "one")
     out = tmp_path / "many"
     procs = [spawn("teacher", *args, "--out", out, "--shard-index", i) for i in (0, 2)]
@@ -118,16 +182,48 @@ def test_errors_are_specific(tmp_path, tiny_model_dir, tiny_corpus_dir):
     base = ["teacher", "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32]
     r = cli(*base, "--model", tmp_path / "nope", "--out", tmp_path / "a", expect_ok=False)
     assert r.exit_code != 0 and "nope" in r.output and "no such directory" in r.output
-    r = cli("teacher", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "b",
-            "--seq-len", 32, expect_ok=False)
+    r = cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tmp_path / "missing.jsonl",
+        "--out",
+        tmp_path / "b",
+        "--seq-len",
+        32,
+        expect_ok=False,
+    )
     assert r.exit_code != 0 and "missing.jsonl" in r.output
     r = cli(*base, "--model", tiny_model_dir, "--out", tmp_path / "c", "--text-field", "body", expect_ok=False)
     assert r.exit_code != 0 and "'body'" in r.output and "--text-field" in r.output
-    r = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", tmp_path / "d",
-            "--top-k", 100000, "--seq-len", 32, expect_ok=False)
+    r = cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--out",
+        tmp_path / "d",
+        "--top-k",
+        100000,
+        "--seq-len",
+        32,
+        expect_ok=False,
+    )
     assert r.exit_code != 0 and "larger than the teacher's vocabulary (384)" in r.output
-    r = cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", tmp_path / "g",
-            "--seq-len", 4096, expect_ok=False)
+    r = cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--out",
+        tmp_path / "g",
+        "--seq-len",
+        4096,
+        expect_ok=False,
+    )
     assert r.exit_code != 0 and "exceeds the teacher's context (512 positions)" in r.output
     r = cli(*base, "--model", tiny_model_dir, "--out", tmp_path / "e", "--top-k", 0, expect_ok=False)
     assert r.exit_code != 0 and "top_k=0" in r.output
@@ -139,7 +235,18 @@ def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_co
     from tiny_models import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)
-    args = ["--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32, "--out", tmp_path / "run"]
+    args = [
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+        "--out",
+        tmp_path / "run",
+    ]
     cli("teacher", "--model", tiny_model_dir, *args)
     r = cli("teacher", "--model", other, *args, expect_ok=False)
     assert r.exit_code != 0 and "different settings" in r.output and "teacher.weights_sha256" in r.output
@@ -149,8 +256,10 @@ def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_co
 
 def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'model = "{tiny_model_dir}"\ndata = "{tiny_corpus_dir / "text.jsonl"}"\n'
-                   f'capture = "topk"\ntop-k = 4\nseq_len = 32\nout = "{tmp_path / "run"}"\n')
+    cfg.write_text(
+        f'model = "{tiny_model_dir}"\ndata = "{tiny_corpus_dir / "text.jsonl"}"\n'
+        f'capture = "topk"\ntop-k = 4\nseq_len = 32\nout = "{tmp_path / "run"}"\n'
+    )
     cli("teacher", "--config", cfg, "--top-k", 6)  # the flag wins over the file
     info = json.loads(cli("inspect", tmp_path / "run", "--json").output)
     assert info["k"] == 6 and info["rows"] > 0 and info["trained_tokens"] > 0
@@ -164,14 +273,31 @@ def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     assert r.exit_code != 0 and "unknown key(s) ['modle']" in r.output
 
 
-@pytest.mark.parametrize("mode, extra", [("topp", ["--top-k", 32, "--top-p", 0.5, "--min-k", 2]),
-                                         ("sample", ["--draws", 16]),
-                                         ("hybrid", ["--top-k", 4, "--draws", 8]),
-                                         ("auto", ["--draws", 16, "--engine", "hf"])])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("topp", ["--top-k", 32, "--top-p", 0.5, "--min-k", 2]),
+        ("sample", ["--draws", 16]),
+        ("hybrid", ["--top-k", 4, "--draws", 8]),
+        ("auto", ["--draws", 16, "--engine", "hf"]),
+    ],
+)
 def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mode, extra):
     out = tmp_path / mode
-    cli("teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", out,
-        "--seq-len", 32, "--capture", mode, *extra)
+    cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--out",
+        out,
+        "--seq-len",
+        32,
+        "--capture",
+        mode,
+        *extra,
+    )
     reader = RunReader(out)
     # auto with the hf engine: the sampled labels (the manifest records the resolved mode, not "auto")
     mode = "sample" if mode == "auto" else mode
@@ -193,7 +319,18 @@ def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mod
             assert row.sample_counts[q].sum() == 16
         if mode == "hybrid":
             assert (row.sample_counts[q][:4] == 0).all() and row.sample_counts[q][4:].sum() == 8
-    res = cli("student", "--run-dir", out, "--out", tmp_path / f"s_{mode}", "--max-steps", 2, "--batch-size", 2,
-              "--verify", "size")
+    cli(
+        "student",
+        "--run-dir",
+        out,
+        "--out",
+        tmp_path / f"s_{mode}",
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--verify",
+        "size",
+    )
     m = [json.loads(l) for l in (tmp_path / f"s_{mode}" / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 2 and all(np.isfinite([r["ce"], r["kl"], r["total"]]).all() for r in m)

@@ -5,17 +5,16 @@
 Each `--ray` run starts (and stops) its own local Ray instance in a real subprocess, as a user would;
 most of the ~1.5 minutes is Ray starting up (~10 s) and two workers importing torch.
 """
+
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ray.data", reason="needs the [ray] extra: make .venv/.ray-installed")
 
 from e2e_helpers import assert_same_run, cli, spawn  # noqa: E402
-from storage import RunReader, load_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -23,8 +22,26 @@ NUM_SHARDS = 4
 
 
 def _args(tiny_model_dir, tiny_corpus_dir):
-    return ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
-            "--num-shards", NUM_SHARDS, "--batch-size", 3, "--encoding", "exact", "--engine", "hf"]
+    return [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        32,
+        "--num-shards",
+        NUM_SHARDS,
+        "--batch-size",
+        3,
+        "--encoding",
+        "exact",
+        "--engine",
+        "hf",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,9 @@ def test_ray_run_equals_single_process(tmp_path, reference, tiny_model_dir, tiny
     out = tmp_path / "ray"
     log = _ray_teacher(*_args(tiny_model_dir, tiny_corpus_dir), "--out", out)
     assert "finalized" in log and "B/trained token" in log
-    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == \
-        [f"part-{i:05d}-of-{NUM_SHARDS:05d}.parquet" for i in range(NUM_SHARDS)]
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == [
+        f"part-{i:05d}-of-{NUM_SHARDS:05d}.parquet" for i in range(NUM_SHARDS)
+    ]
     assert not list((out / "shards").glob("*.tmp")), "no leftovers"
     assert_same_run(out, reference)
 

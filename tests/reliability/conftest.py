@@ -1,12 +1,12 @@
 """Fixtures of the reliability tests: the uninterrupted teacher run every faulted run must equal, the
 e2e `tiny_run` (stage-2 tests), and a small tmpfs for disk-full tests."""
+
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
 import pytest
-
 from e2e.conftest import tiny_run  # noqa: F401  (the finalised k = vocab run of tests/e2e, reused here)
 from e2e_helpers import big_corpus, cli
 from reliability_helpers import kill_leftovers, row_groups, teacher_args
@@ -45,8 +45,13 @@ def small_fs(tmp_path):
         mnt = tmp_path / f"fs{len(mounted)}"
         mnt.mkdir()
         try:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True,
-                           capture_output=True, text=True, timeout=30)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.SubprocessError) as e:
             pytest.skip(f"cannot mount a tmpfs here ({e}); test_disk_full_injected covers the same path")
         mounted.append(mnt)

@@ -1,5 +1,6 @@
 """Helpers of the reliability tests: start the CLI as a real process, wait for a state on disk, kill it,
 and compare what is on disk with an uninterrupted run."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from e2e_helpers import REPO
+
 from storage import ShardWriter, load_manifest
 from storage.failpoints import ENV as FAILPOINTS_ENV
 
@@ -27,15 +29,31 @@ TEACHER_SHARDS = 6
 SHARD_TMP_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet\.\d+\.tmp$")
 
 # The spawned process sets the same row-group size, then runs `pipeline` exactly as the console script does.
-_LAUNCH = ("import sys; from storage.writer import ShardWriter; "
-           "ShardWriter.__init__.__kwdefaults__['row_group_rows'] = int(sys.argv.pop(1)); "
-           "import pipeline; pipeline.main()")
+_LAUNCH = (
+    "import sys; from storage.writer import ShardWriter; "
+    "ShardWriter.__init__.__kwdefaults__['row_group_rows'] = int(sys.argv.pop(1)); "
+    "import pipeline; pipeline.main()"
+)
 
 
 def teacher_args(model_dir: Path, data: Path) -> list:
     """`pipeline teacher` options (without --out) of the run that fault injection interrupts."""
-    return ["--model", model_dir, "--data", data, "--capture", "topk", "--top-k", 8, "--seq-len", 64, "--num-shards", TEACHER_SHARDS,
-            "--batch-size", 1]
+    return [
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        64,
+        "--num-shards",
+        TEACHER_SHARDS,
+        "--batch-size",
+        1,
+    ]
 
 
 @contextmanager
@@ -63,8 +81,14 @@ def spawn_pipeline(log: Path, *args, failpoints: str = "", row_group_rows: int =
         env[FAILPOINTS_ENV] = failpoints
     f = open(log, "a")
     try:
-        p = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(row_group_rows), *map(str, args)], cwd=REPO,
-                             env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH, str(row_group_rows), *map(str, args)],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     finally:
         f.close()  # the child holds its own descriptor
     p.log = log

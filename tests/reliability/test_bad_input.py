@@ -4,6 +4,7 @@ the CLI, and leaves everything already written untouched (byte for byte, same mt
 Already covered elsewhere, not repeated: a hand-edited manifest, format version, truncated / foreign
 shards (tests/unit/test_storage.py), a student tokenizer with swapped ids, --top-k 0 and 100000,
 --seq-len 4096 (tests/e2e)."""
+
 from __future__ import annotations
 
 import json
@@ -13,22 +14,36 @@ import threading
 
 import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from e2e_helpers import cli
 from reliability_helpers import all_tmps, final_shards, sha256, snapshot
+from tiny_models import TINY_VOCAB_SIZE
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from stage1_teacher.engines.hf_engine import HFEngine
 from storage import Encoding, RunReader, ShardWriter, load_manifest, shard_path
 from storage.layout import receipt_path
-from tiny_models import TINY_VOCAB_SIZE
 
 
 def _small_run(root, tiny_model_dir, tiny_corpus_dir):
     """A finished run (k=4, seq 32, 2 shards) of a private copy of the tiny model: (run, model, args)."""
     model = root / "model"
     shutil.copytree(tiny_model_dir, model)
-    args = ["--model", model, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
-            "--num-shards", 2, "--out", root / "run"]
+    args = [
+        "--model",
+        model,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+        "--num-shards",
+        2,
+        "--out",
+        root / "run",
+    ]
     cli("teacher", *args)
     return root / "run", model, args
 
@@ -78,9 +93,25 @@ def test_student_with_resized_vocabulary_is_refused(tmp_path, tiny_run, tiny_mod
     other = _student_copy(tiny_model_dir, tmp_path / "resized", vocab=TINY_VOCAB_SIZE + 16)
     before = snapshot(tiny_run)
     out = tmp_path / "s"
-    r = cli("student", "--run-dir", tiny_run, "--out", out, "--model", other, "--max-steps", 1, "--verify", "size",
-            expect_ok=False)
-    assert r.exit_code != 0 and "vocab_size" in r.output and f"{TINY_VOCAB_SIZE + 16} vs the teacher's {TINY_VOCAB_SIZE}" in r.output
+    r = cli(
+        "student",
+        "--run-dir",
+        tiny_run,
+        "--out",
+        out,
+        "--model",
+        other,
+        "--max-steps",
+        1,
+        "--verify",
+        "size",
+        expect_ok=False,
+    )
+    assert (
+        r.exit_code != 0
+        and "vocab_size" in r.output
+        and f"{TINY_VOCAB_SIZE + 16} vs the teacher's {TINY_VOCAB_SIZE}" in r.output
+    )
     assert "tokenizer.hash" not in r.output, "same tokenizer: only the vocabulary is named"
     assert not out.exists(), "refused before anything is written"
     assert snapshot(tiny_run) == before
@@ -90,24 +121,43 @@ def test_student_context_shorter_than_the_stored_sequences_is_refused(tmp_path, 
     seq_len = load_manifest(tiny_run).spec.seq_len
     other = _student_copy(tiny_model_dir, tmp_path / "short", max_positions=seq_len // 2)
     out = tmp_path / "s"
-    r = cli("student", "--run-dir", tiny_run, "--out", out, "--model", other, "--max-steps", 1, "--verify", "size",
-            expect_ok=False)
+    r = cli(
+        "student",
+        "--run-dir",
+        tiny_run,
+        "--out",
+        out,
+        "--model",
+        other,
+        "--max-steps",
+        1,
+        "--verify",
+        "size",
+        expect_ok=False,
+    )
     assert r.exit_code != 0 and "max_position_embeddings" in r.output, r.output
     assert f"{seq_len}" in r.output and f"{seq_len // 2}" in r.output
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--top-k", -1, "top_k=-1: must be >= 1"),
-    ("--top-k", TINY_VOCAB_SIZE + 1, f"--top-k {TINY_VOCAB_SIZE + 1} is larger than the teacher's vocabulary ({TINY_VOCAB_SIZE})"),
-    ("--seq-len", 513, "--seq-len 513 exceeds the teacher's context (512 positions)"),
-    ("--seq-len", 1, "seq_len=1: must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--top-k", -1, "top_k=-1: must be >= 1"),
+        (
+            "--top-k",
+            TINY_VOCAB_SIZE + 1,
+            f"--top-k {TINY_VOCAB_SIZE + 1} is larger than the teacher's vocabulary ({TINY_VOCAB_SIZE})",
+        ),
+        ("--seq-len", 513, "--seq-len 513 exceeds the teacher's context (512 positions)"),
+        ("--seq-len", 1, "seq_len=1: must be >= 2"),
+    ],
+)
 def test_bad_option_into_an_existing_run_leaves_it_untouched(small_run, option, value, message):
     run, _, args = small_run
     before = snapshot(run)
     i = args.index(option)
-    r = cli("teacher", *args[:i], option, value, *args[i + 2:], expect_ok=False)
+    r = cli("teacher", *args[:i], option, value, *args[i + 2 :], expect_ok=False)
     assert r.exit_code != 0 and message in r.output, r.output
     assert snapshot(run) == before
 
@@ -124,19 +174,28 @@ def test_k_out_of_range_at_the_storage_layer(tmp_path):
 
 
 def test_invalid_text_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplog):
-    good = ["The teacher model reads every sequence once.", "A student learns from those guesses.",
-            "Rain fell on the old stone bridge."] * 4
+    good = [
+        "The teacher model reads every sequence once.",
+        "A student learns from those guesses.",
+        "Rain fell on the old stone bridge.",
+    ] * 4
     rows = [{"text": t} for t in good]
-    bad_rows = {1: {"text": ""}, 3: {"text": 12345}, 4: {"text": None}, 6: {"text": "   "}, 9: {"text": ["a", "list"]},
-                10: {"other": "no text field"}}
+    bad_rows = {
+        1: {"text": ""},
+        3: {"text": 12345},
+        4: {"text": None},
+        6: {"text": "   "},
+        9: {"text": ["a", "list"]},
+        10: {"other": "no text field"},
+    }
     for i in sorted(bad_rows):
         rows.insert(i, bad_rows[i])
     data = _write_jsonl(tmp_path / "mixed.jsonl", rows)
     clean = _write_jsonl(tmp_path / "clean.jsonl", [{"text": t} for t in good])
     common = ["--model", tiny_model_dir, "--capture", "topk", "--top-k", 4, "--seq-len", 32]
-    with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
+    with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         cli("teacher", *common, "--data", data, "--out", tmp_path / "mixed")
-    msg = " ".join(r.getMessage() for r in caplog.records if r.name == "stage1_teacher.corpus")
+    msg = " ".join(r.getMessage() for r in caplog.records if r.name == "lm.corpus")
     assert "skipped 6 empty or non-string rows (rows 1, 3, 4, 6, 9, ...)" in msg, msg
     cli("teacher", *common, "--data", clean, "--out", tmp_path / "clean")
     a, b = load_manifest(tmp_path / "mixed").spec, load_manifest(tmp_path / "clean").spec
@@ -145,28 +204,69 @@ def test_invalid_text_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplo
 
 def test_invalid_chat_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplog):
     ok = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]
-    rows = [{"messages": ok}, {"messages": "not a list"}, {"messages": []}, {"messages": ok},
-            {"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": 7}]},
-            {"messages": [{"role": 3, "content": "x"}]}, {"messages": None}, {"messages": ok}]
+    rows = [
+        {"messages": ok},
+        {"messages": "not a list"},
+        {"messages": []},
+        {"messages": ok},
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": 7}]},
+        {"messages": [{"role": 3, "content": "x"}]},
+        {"messages": None},
+        {"messages": ok},
+    ]
     data = _write_jsonl(tmp_path / "chat.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
-        cli("teacher", "--model", tiny_model_dir, "--data", data, "--messages-field", "messages", "--capture", "topk", "--top-k", 4,
-            "--seq-len", 32, "--out", tmp_path / "run")
-    msg = " ".join(r.getMessage() for r in caplog.records if r.name == "stage1_teacher.corpus")
+    with caplog.at_level(logging.WARNING, logger="lm.corpus"):
+        cli(
+            "teacher",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data,
+            "--messages-field",
+            "messages",
+            "--capture",
+            "topk",
+            "--top-k",
+            4,
+            "--seq-len",
+            32,
+            "--out",
+            tmp_path / "run",
+        )
+    msg = " ".join(r.getMessage() for r in caplog.records if r.name == "lm.corpus")
     assert "skipped 6 malformed conversations" in msg and "(rows 1, 2, 4, 5, 6, ...)" in msg, msg
     assert len(RunReader(tmp_path / "run")) >= 1
 
 
-@pytest.mark.parametrize("field, rows", [
-    ("text", [{"text": ""}, {"text": 5}, {"text": None}, {"text": "  \n "}]),
-    ("messages", [{"messages": "x"}, {"messages": []}, {"messages": [{"role": "user"}]}]),
-])
+@pytest.mark.parametrize(
+    "field, rows",
+    [
+        ("text", [{"text": ""}, {"text": 5}, {"text": None}, {"text": "  \n "}]),
+        ("messages", [{"messages": "x"}, {"messages": []}, {"messages": [{"role": "user"}]}]),
+    ],
+)
 def test_corpus_with_nothing_valid_is_an_error(tmp_path, tiny_model_dir, field, rows):
     data = _write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "run"
     extra = ["--messages-field", "messages"] if field == "messages" else []
-    r = cli("teacher", "--model", tiny_model_dir, "--data", data, *extra, "--capture", "topk", "--top-k", 4, "--seq-len", 32, "--out", out,
-            expect_ok=False)
+    r = cli(
+        "teacher",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        *extra,
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+        "--out",
+        out,
+        expect_ok=False,
+    )
     assert r.exit_code != 0, r.output
     assert "bad.jsonl" in r.output and "no trainable position" in r.output
     assert f"read {len(rows)} rows, skipped {len(rows)}" in r.output
@@ -201,15 +301,37 @@ def _poisoned_score(monkeypatch, target: int, kind: str):
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, tiny_model_dir, tiny_corpus_dir):
     """(args without --out, run dir): an uninterrupted run, one sequence per engine call."""
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
-            "--num-shards", 2, "--batch-size", 1, "--encoding", "exact"]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+        "--num-shards",
+        2,
+        "--batch-size",
+        1,
+        "--encoding",
+        "exact",
+    ]
     ref = tmp_path_factory.mktemp("scored") / "ref"
     cli("teacher", *args, "--out", ref)
     return args, ref
 
 
-@pytest.mark.parametrize("kind, message", [("nan", "NaN or +inf log-probs"), ("posinf", "NaN or +inf log-probs"),
-                                           ("tail", "tail_logprob must be a log-probability")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("nan", "NaN or +inf log-probs"),
+        ("posinf", "NaN or +inf log-probs"),
+        ("tail", "tail_logprob must be a log-probability"),
+    ],
+)
 def test_nan_or_inf_from_the_engine_is_refused(tmp_path, monkeypatch, scored_run, kind, message):
     args, ref = scored_run
     n = len(RunReader(ref))
@@ -226,12 +348,29 @@ def test_nan_or_inf_from_the_engine_is_refused(tmp_path, monkeypatch, scored_run
 
 
 @pytest.mark.timeout(120)
-def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(tmp_path, monkeypatch, tiny_model_dir,
-                                                                        tiny_corpus_dir):
+def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_corpus_dir
+):
     """The writer thread fails on a row while the engine has already queued the shard's last batches: the
     run must stop with the error, not wait forever for a writer that is gone."""
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 4, "--seq-len", 32,
-            "--batch-size", 1, "--encoding", "exact", "--max-samples", 12]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        4,
+        "--seq-len",
+        32,
+        "--batch-size",
+        1,
+        "--encoding",
+        "exact",
+        "--max-samples",
+        12,
+    ]
     n_seq = 12  # the sequences of --max-samples 12 at --seq-len 32 (checked below: the engine must score them all)
     target = n_seq - 5  # the queue holds 4 batches: when this one fails, the last 4 wait behind it
     _poisoned_score(monkeypatch, target, "nan")

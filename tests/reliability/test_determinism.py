@@ -2,19 +2,37 @@
 prove it across kills and processes). The batch size is not part of the run's identity, so a resume with
 another --batch-size is accepted; its shards then agree with the others only to the compute dtype's
 rounding, because padding and batch shape change the order of floating-point reductions."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from e2e_helpers import cli
+
 from storage import RunReader, load_run_spec
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("bfloat16", 0.1)])
 def test_batch_composition_changes_values_only_by_rounding(tmp_path, tiny_model_dir, tiny_corpus_dir, dtype, atol):
-    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--capture", "topk", "--top-k", 8, "--seq-len", 32,
-            "--no-pack", "--max-samples", 12, "--encoding", "exact", "--dtype", dtype]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_corpus_dir / "text.jsonl",
+        "--capture",
+        "topk",
+        "--top-k",
+        8,
+        "--seq-len",
+        32,
+        "--no-pack",
+        "--max-samples",
+        12,
+        "--encoding",
+        "exact",
+        "--dtype",
+        dtype,
+    ]
     runs = {}
     for b in (1, 5):  # one sequence per call vs padded batches of unequal lengths
         cli("teacher", *args, "--batch-size", b, "--out", tmp_path / f"b{b}")

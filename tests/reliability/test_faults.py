@@ -10,6 +10,7 @@ it. So every run of these tests kills at the same steps and sees the same files.
 After every fault, what is on disk under a final name is whole (byte-identical to an uninterrupted run), no
 `.tmp` is counted as data, and the restarted command completes the run exactly as if nothing happened.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,11 +24,24 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from e2e_helpers import cli
+from reliability_helpers import (
+    SHARD_TMP_RE,
+    TEACHER_SHARDS,
+    all_tmps,
+    assert_same_run,
+    final_shards,
+    kill_stopped,
+    row_groups,
+    sha256,
+    shard_tmps,
+    snapshot,
+    spawn_pipeline,
+    wait_killed,
+    wait_stopped,
+)
 from safetensors.torch import load_file
 
-from e2e_helpers import cli
-from reliability_helpers import (SHARD_TMP_RE, TEACHER_SHARDS, all_tmps, assert_same_run, final_shards, kill_stopped,
-                                 row_groups, sha256, shard_tmps, snapshot, spawn_pipeline, wait_killed, wait_stopped)
 from stage2_student import checkpoint as ckpt
 from storage import IncompleteRunError, build_manifest, load_manifest, load_run_spec, missing_shards, shard_path
 from storage.layout import parse_shard_name, receipt_path
@@ -94,7 +108,9 @@ def test_teacher_killed_at_each_named_point_then_resume_equals_uninterrupted(tmp
     kill_stopped(p)
 
     # 5. the process kills itself mid-shard (no stop first): the same state as a crash there.
-    p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=4,row_group=3}=kill")
+    p = spawn_pipeline(
+        log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=4,row_group=3}=kill"
+    )
     wait_killed(p)
     assert _check_after_fault(out, ref_sha) == {"finals": [0, 1, 2, 3], "tmps": [4]}
 
@@ -102,8 +118,9 @@ def test_teacher_killed_at_each_named_point_then_resume_equals_uninterrupted(tmp
     with row_groups():
         res = cli("teacher", *args, "--out", out)
     assert "finalized" in res.output
-    assert all(p.stat().st_mtime_ns == before[p.name] for p in final_shards(out) if p.name in before), \
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in final_shards(out) if p.name in before), (
         "finished shards are skipped on restart, not rewritten"
+    )
     assert all_tmps(out) == [], "no leftovers"
     assert_same_run(out, ref)
 
@@ -114,7 +131,9 @@ def test_teacher_sigterm_abandons_the_shard_in_flight(tmp_path, teacher_referenc
     ref_sha = {s.index: s.sha256 for s in load_manifest(ref).shards}
     out, log = tmp_path / "run", tmp_path / "teacher.log"
     # Preemption while shard 1 is in flight: SIGTERM from outside, delivered when the process continues.
-    p = spawn_pipeline(log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=1,row_group=2}=stop")
+    p = spawn_pipeline(
+        log, "teacher", *args, "--out", out, failpoints="shard.row_group_written{shard=1,row_group=2}=stop"
+    )
     wait_stopped(p)
     assert _check_after_fault(out, ref_sha) == {"finals": [0], "tmps": [1]}
     p.send_signal(signal.SIGTERM)
@@ -172,14 +191,33 @@ def _check_checkpoints(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_student_killed_at_each_checkpoint_step_resumes_from_last_complete(tmp_path, tiny_run):
-    args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", STUDENT_STEPS, "--batch-size", 2, "--lr", 1e-3,
-            "--warmup-steps", 3, "--verify", "size", "--save-every", 1, "--keep-checkpoints", 2]
+    args = [
+        "--run-dir",
+        tiny_run,
+        "--kl-weight",
+        1,
+        "--max-steps",
+        STUDENT_STEPS,
+        "--batch-size",
+        2,
+        "--lr",
+        1e-3,
+        "--warmup-steps",
+        3,
+        "--verify",
+        "size",
+        "--save-every",
+        1,
+        "--keep-checkpoints",
+        2,
+    ]
     cli("student", *args, "--out", tmp_path / "ref")
     out, log = tmp_path / "killed", tmp_path / "student.log"
     for i, (point, resumed_from, complete, others) in enumerate(STUDENT_FAULTS):
         log.write_text("")
-        p = spawn_pipeline(log, "-v", "student", *args, "--out", out, *(["--resume"] if i else []),
-                           failpoints=f"{point}=kill")
+        p = spawn_pipeline(
+            log, "-v", "student", *args, "--out", out, *(["--resume"] if i else []), failpoints=f"{point}=kill"
+        )
         wait_killed(p)
         if resumed_from:
             m = re.search(r"resumed from \S+ \(step (\d+)\)", log.read_text())
@@ -218,6 +256,7 @@ def test_student_killed_at_each_checkpoint_step_resumes_from_last_complete(tmp_p
 def test_a_checkpoint_missing_a_listed_file_is_not_complete(tmp_path):
     """The state file lists every file with its size: a folder that lost one (or holds a truncated one) is never
     resumed from, whatever removed it."""
+
     def make(step: int) -> Path:
         d = ckpt.begin(tmp_path, step)
         (d / "model.safetensors").write_bytes(b"w" * 100)
@@ -247,8 +286,12 @@ def test_a_checkpoint_missing_a_listed_file_is_not_complete(tmp_path):
     (d / "model.safetensors").write_bytes(b"w")
     ckpt.commit(d, {"step": 9}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-000001", "step-000002", "step-000003", "step-000008", "step-000009"], \
-        "incomplete folders are never resumed from, and not deleted either (they are not ours to judge)"
+        "step-000001",
+        "step-000002",
+        "step-000003",
+        "step-000008",
+        "step-000009",
+    ], "incomplete folders are never resumed from, and not deleted either (they are not ours to judge)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,8 +332,11 @@ def test_disk_full_while_writing_a_shard(small_fs, teacher_reference):
     fs = small_fs(16 << 20)
     out = fs / "run"
     # Room for run.json, shards 0 and 1 with their receipts, and half of shard 2.
-    room = _pages((ref / "run.json").stat().st_size) + _pages(m.shards[2].bytes // 2) + sum(
-        _pages(s.bytes) + _pages(receipt_path(ref / "shards" / s.name).stat().st_size) for s in m.shards[:2])
+    room = (
+        _pages((ref / "run.json").stat().st_size)
+        + _pages(m.shards[2].bytes // 2)
+        + sum(_pages(s.bytes) + _pages(receipt_path(ref / "shards" / s.name).stat().st_size) for s in m.shards[:2])
+    )
     ballast = _fill(fs, room)
     with row_groups():
         res = cli("teacher", *args, "--out", out, expect_ok=False)
@@ -370,18 +416,27 @@ def test_stale_tmp_files_and_half_written_checkpoints_are_never_read(tmp_path):
     run = tmp_path / "run"
     m1, _ = write_synthetic_run(run, synthetic_spec(num_shards=2, num_sequences=8))
     shard = shard_path(run, 1, 2)
-    for name in ("run.json.999.tmp", "manifest.json.999.tmp", f"shards/{shard.name}.999.tmp",
-                 f"shards/{shard.name}.receipt.json.999.tmp"):
+    for name in (
+        "run.json.999.tmp",
+        "manifest.json.999.tmp",
+        f"shards/{shard.name}.999.tmp",
+        f"shards/{shard.name}.receipt.json.999.tmp",
+    ):
         (run / name).write_bytes(b"PAR1 {half written")
     assert len(RunReader(run)) == 8
     assert [s.to_dict() for s in build_manifest(run).shards] == [s.to_dict() for s in m1.shards]
 
     out = tmp_path / "student"
-    for name, state in (("step-000002", True), ("step-000005.tmp", True), ("step-000009", False),
-                        ("step-000011.trash", True)):
+    for name, state in (
+        ("step-000002", True),
+        ("step-000005.tmp", True),
+        ("step-000009", False),
+        ("step-000011.trash", True),
+    ):
         d = out / "checkpoints" / name
         d.mkdir(parents=True)
         if state:
             (d / ckpt.STATE).write_text(json.dumps({"step": int(name[5:11]), "files": {}}))
-    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-000002", \
+    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-000002", (
         "a .tmp or .trash checkpoint, or one without its state file, is never resumed from"
+    )

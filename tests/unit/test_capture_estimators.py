@@ -1,5 +1,6 @@
 """Capture modes as KL estimators: the sampled and hybrid targets give an unbiased gradient of the
 exact KL(teacher‖student); top-k + tail is biased (asserted, not hidden); top-p keeps its mass."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,26 +8,33 @@ import pytest
 import torch
 
 from stage1_teacher.capture_modes import apply_top_p, distinct_draws, draw_uniforms, hybrid_entries
+from stage2_student.batch import with_kl_target_weights
 from stage2_student.losses import fused_ce_kl_sums
-from stage2_student.targets import to_targets
 
 V, K_HEAD = 40, 5
 
 
 def _setup(seed=0):
     g = torch.Generator().manual_seed(seed)
-    t_logits = torch.randn(3, V, generator=g) * 1.5                     # 3 positions, flat and peaked
+    t_logits = torch.randn(3, V, generator=g) * 1.5  # 3 positions, flat and peaked
     t_logits[0] *= 3
     p = torch.softmax(t_logits.double(), -1)
     z = (torch.randn(3, V, generator=g)).requires_grad_(True)
-    exact = torch.softmax(z.detach().double(), -1) - p                  # d KL(p‖q) / dz
+    exact = torch.softmax(z.detach().double(), -1) - p  # d KL(p‖q) / dz
     return p, z, exact
 
 
 def _grad(z, batch):
     z = z.detach().clone().requires_grad_(True)
-    total = fused_ce_kl_sums(z, torch.zeros(len(z), dtype=torch.long), batch["topk_ids"], batch["topk_logprobs"],
-                             batch["tail_logprob"], ce_weight=0.0, kl_weight=1.0).total
+    total = fused_ce_kl_sums(
+        z,
+        torch.zeros(len(z), dtype=torch.long),
+        batch["topk_ids"],
+        batch["topk_logprobs"],
+        batch["tail_logprob"],
+        ce_weight=0.0,
+        kl_weight=1.0,
+    ).total
     total.backward()
     return z.grad.double()
 
@@ -59,11 +67,17 @@ def test_sampled_estimators_are_unbiased(mode):
         else:
             d_ids, d_lp = _draws(p, 4, rng, restrict_to=tail_mask)
             ids, lps, tail, counts = hybrid_entries(head_ids.numpy(), head_lp.numpy(), head_tail, d_ids, d_lp, 4)
-        batch = to_targets({"topk_ids": torch.from_numpy(ids.astype(np.int64)), "topk_logprobs": torch.from_numpy(lps),
-                            "tail_logprob": torch.from_numpy(tail), "sample_counts": torch.from_numpy(counts)},
-                           {"mode": mode})
+        batch = with_kl_target_weights(
+            {
+                "topk_ids": torch.from_numpy(ids.astype(np.int64)),
+                "topk_logprobs": torch.from_numpy(lps),
+                "tail_logprob": torch.from_numpy(tail),
+                "sample_counts": torch.from_numpy(counts),
+            },
+            {"mode": mode},
+        )
         grads.append(_grad(z, batch))
-    g = torch.stack(grads)                                               # (R, 3, V)
+    g = torch.stack(grads)  # (R, 3, V)
     R = len(g)
     # The gradient coordinate is q_j − w_j, so its variance is Var(w_j): binomial counts. The empirical
     # spread underestimates it for tokens drawn a handful of times, so take the larger of the two.
@@ -117,7 +131,7 @@ def test_top_p_keeps_mass_and_bounds():
     assert (mass[reached & (n > 4)] >= 0.9 - 1e-6).all()
     np.testing.assert_allclose(mass + np.exp(new_tail.astype(np.float64)), 1.0, atol=1e-5)
     # Minimal: one entry fewer would miss top_p (where more than min_k were kept).
-    shorter = np.array([np.exp(top_lp[i, :n[i] - 1]).sum() for i in range(50)])
+    shorter = np.array([np.exp(top_lp[i, : n[i] - 1]).sum() for i in range(50)])
     assert (shorter[(n > 4) & reached] < 0.9).all()
 
 
@@ -134,3 +148,10 @@ def test_distinct_draws_counts():
     assert ids[0].tolist() == [5, 3, -1, -1, -1] and counts[0].tolist() == [3, 1, 0, 0, 0]
     assert ids[1].tolist() == [2, -1, -1, -1, -1] and counts[1].tolist() == [5, 0, 0, 0, 0]
     assert np.isneginf(lps[0, 2:]).all()
+
+
+def test_every_registered_mode_has_its_numerics():
+    from stage1_teacher.capture_modes import STORE
+    from storage import MODES
+
+    assert list(STORE) == list(MODES)

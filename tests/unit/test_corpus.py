@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_chat_rows, tiny_text_rows
 from transformers import AutoTokenizer
 
-from stage1_teacher.corpus import Sequence, load_sequences
+from lm.corpus import Sequence, load_sequences
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,7 @@ def test_chat_trains_only_assistant_tokens(tok, tiny_corpus_dir):
 def test_chat_packed_keeps_masks_aligned(tok, tiny_corpus_dir):
     unpacked = load_sequences(tiny_corpus_dir / "chat.jsonl", tok, seq_len=512, pack=False, messages_field="messages")
     packed = load_sequences(tiny_corpus_dir / "chat.jsonl", tok, seq_len=48, messages_field="messages")
+
     # Re-derive the per-token `trained` flags of the whole stream both ways; they must agree
     # except at sequence starts (position 0 is never a target).
     def flags(seqs):
@@ -100,7 +101,8 @@ def test_chat_packed_keeps_masks_aligned(tok, tiny_corpus_dir):
 
     a, b = flags(unpacked.sequences), flags(packed.sequences)
     np.testing.assert_array_equal(
-        np.concatenate([s.input_ids for s in unpacked.sequences]), np.concatenate([s.input_ids for s in packed.sequences])
+        np.concatenate([s.input_ids for s in unpacked.sequences]),
+        np.concatenate([s.input_ids for s in packed.sequences]),
     )
     starts = np.cumsum([0] + [len(s.input_ids) for s in packed.sequences[:-1]])
     a[starts] = False
@@ -116,7 +118,7 @@ def test_train_on_prompt_trains_everything(tok, tiny_corpus_dir):
 
 
 def test_skipped_rows_are_counted_and_warned(tok, tiny_corpus_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
+    with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(tiny_corpus_dir / "text.jsonl", tok, seq_len=32)
     assert r.skipped == 2 and r.skipped_rows == [7, 13]
     assert "skipped 2" in caplog.text and "rows 7, 13" in caplog.text
@@ -132,7 +134,7 @@ def test_malformed_conversations_are_skipped(tok, tmp_path, caplog):
         {"messages": None},
     ]
     path = _write_jsonl(tmp_path / "c.jsonl", [good[0], *bad, good[1], good[2]])
-    with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
+    with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(path, tok, seq_len=512, pack=False, messages_field="messages")
     assert r.skipped == 5 and r.skipped_rows == [1, 2, 3, 4, 5] and len(r.sequences) == 3
     assert "malformed conversations" in caplog.text and "rows 1, 2, 3, 4, 5" in caplog.text
@@ -152,7 +154,9 @@ def test_missing_file_names_the_path(tok, tmp_path):
 
 
 def test_missing_field_lists_the_available_columns(tok, tiny_corpus_dir):
-    with pytest.raises(ValueError, match=r"column 'txt' not found in .*text\.jsonl; available: id, text; pass --text-field"):
+    with pytest.raises(
+        ValueError, match=r"column 'txt' not found in .*text\.jsonl; available: id, text; pass --text-field"
+    ):
         load_sequences(tiny_corpus_dir / "text.jsonl", tok, seq_len=32, text_field="txt")
     with pytest.raises(ValueError, match=r"column 'msgs' not found .*available: id, messages; pass --messages-field"):
         load_sequences(tiny_corpus_dir / "chat.jsonl", tok, seq_len=32, messages_field="msgs")
@@ -252,7 +256,7 @@ def test_conversations_the_template_refuses_are_skipped(tiny_tokenizer_dir, capl
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     rows = tiny_chat_rows()[:4]  # row 0 has a system turn
-    with caplog.at_level(logging.WARNING, logger="stage1_teacher.corpus"):
+    with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(rows, tok, seq_len=512, pack=False, messages_field="messages")
     assert r.skipped == 1 and r.skipped_rows == [0] and len(r.sequences) == 3
     assert "no system turns" in caplog.text

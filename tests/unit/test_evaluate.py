@@ -1,4 +1,5 @@
 """`stage2_student.evaluate` and `pipeline eval` on the tiny model: NLL and KL against hand computations."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from e2e_helpers import cli
 from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stage1_teacher.corpus import load_sequences
+from lm.corpus import load_sequences
 from stage2_student.evaluate import EvalConfig, evaluate_models, run
 
 SEQ_LEN = 32
@@ -104,8 +105,10 @@ def test_different_tokenizer_is_refused(tmp_path, tiny_model_dir, text_corpus):
 
 def test_bad_data_entries_are_all_named(tiny_model_dir, text_corpus, tmp_path):
     with pytest.raises(ValueError) as e:
-        EvalConfig(model=str(tiny_model_dir),
-                   data=("noequals", f"a={text_corpus}", f"a={text_corpus}", f"b={tmp_path / 'missing.jsonl'}", "=x"))
+        EvalConfig(
+            model=str(tiny_model_dir),
+            data=("noequals", f"a={text_corpus}", f"a={text_corpus}", f"b={tmp_path / 'missing.jsonl'}", "=x"),
+        )
     msg = str(e.value)
     assert "'noequals': expected NAME=PATH" in msg
     assert "the name 'a' is used twice" in msg
@@ -126,13 +129,29 @@ def test_cli_bad_data_is_a_usage_error(tiny_model_dir):
 
 def test_cli_prints_table_and_writes_json(tiny_model_dir, other_model_dir, text_corpus, prose_txt, tmp_path):
     out = tmp_path / "res" / "eval.json"
-    r = cli("eval", "--model", other_model_dir, "--base", tiny_model_dir, "--data", f"target={text_corpus}",
-            "--data", f"retention={prose_txt}", "--seq-len", SEQ_LEN, "--max-sequences", MAX_SEQ, "--device", "cpu",
-            "--json-out", out)
+    r = cli(
+        "eval",
+        "--model",
+        other_model_dir,
+        "--base",
+        tiny_model_dir,
+        "--data",
+        f"target={text_corpus}",
+        "--data",
+        f"retention={prose_txt}",
+        "--seq-len",
+        SEQ_LEN,
+        "--max-sequences",
+        MAX_SEQ,
+        "--device",
+        "cpu",
+        "--json-out",
+        out,
+    )
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["model", str(other_model_dir)] and lines[1].split() == ["base", str(tiny_model_dir)]
     header = next(i for i, l in enumerate(lines) if l.split() == ["corpus", "tokens", "nll", "ppl", "kl"])
-    assert [l.split()[0] for l in lines[header + 1:]] == ["target", "retention"]
+    assert [l.split()[0] for l in lines[header + 1 :]] == ["target", "retention"]
     saved = json.loads(out.read_text())
     assert saved["model"] == str(other_model_dir) and saved["base"] == str(tiny_model_dir)
     assert set(saved["corpora"]) == {"target", "retention"}
@@ -145,8 +164,10 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, other_model_dir, text_
 
 def test_cli_json_and_config_file(tiny_model_dir, text_corpus, tmp_path):
     toml = tmp_path / "eval.toml"
-    toml.write_text(f'model = "{tiny_model_dir}"\ndata = ["t={text_corpus}"]\nseq-len = {SEQ_LEN}\n'
-                    f'max_sequences = {MAX_SEQ}\ndevice = "cpu"\n')
+    toml.write_text(
+        f'model = "{tiny_model_dir}"\ndata = ["t={text_corpus}"]\nseq-len = {SEQ_LEN}\n'
+        f'max_sequences = {MAX_SEQ}\ndevice = "cpu"\n'
+    )
     printed = json.loads(cli("eval", "--config", toml, "--json", "--batch-size", 2).stdout)
     assert printed["base"] is None and printed["corpora"]["t"]["kl"] is None
     assert printed["config"]["seq_len"] == SEQ_LEN and printed["config"]["batch_size"] == 2
@@ -160,11 +181,16 @@ def test_lm_eval_local_task_offline(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "What is two plus two?", "choices": ["four", "seven"], "answer": 0},
-        {"question": "Name a color of the sky.", "choices": ["green", "blue"], "answer": 1},
-        {"question": "How many legs does a spider have?", "choices": ["eight", "three"], "answer": 0},
-    ]))
+    data.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"question": "What is two plus two?", "choices": ["four", "seven"], "answer": 0},
+                {"question": "Name a color of the sky.", "choices": ["green", "blue"], "answer": 1},
+                {"question": "How many legs does a spider have?", "choices": ["eight", "three"], "answer": 0},
+            ]
+        )
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tiny_qa.yaml").write_text(
@@ -172,8 +198,18 @@ def test_lm_eval_local_task_offline(tiny_model_dir, tmp_path, monkeypatch):
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    res = run(EvalConfig(model=str(tiny_model_dir), data=(f"qa={data}",), text_field="question", seq_len=SEQ_LEN,
-                         device="cpu", lm_eval_tasks="tiny_qa", lm_eval_include=tasks))
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    res = run(
+        EvalConfig(
+            model=str(tiny_model_dir),
+            data=(f"qa={data}",),
+            text_field="question",
+            seq_len=SEQ_LEN,
+            device="cpu",
+            lm_eval_tasks="tiny_qa",
+            lm_eval_include=tasks,
+        )
+    )
     acc = res["lm_eval"]["tiny_qa"]["acc,none"]
     assert 0.0 <= acc <= 1.0

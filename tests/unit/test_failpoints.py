@@ -1,4 +1,5 @@
 """storage/failpoints.py: the spec grammar, field matching, `hit=N`, and each action on a real child process."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from e2e_helpers import REPO
+
 from storage import failpoints
 
 # A child that passes a point three times (i = 0, 1, 2), printing before each, then exits 0.
@@ -25,8 +26,9 @@ print("done", flush=True)
 
 def _child(spec: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), failpoints.ENV: spec}
-    return subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_parse_grammar():
@@ -37,8 +39,17 @@ def test_parse_grammar():
     assert failpoints.parse("") == []
 
 
-@pytest.mark.parametrize("bad", ["shard.committed", "shard.committed=explode", "shard.committed{shard}=kill",
-                                 "x{hit=0}=kill", "x{hit=two}=kill", "Bad Name=kill"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "shard.committed",
+        "shard.committed=explode",
+        "shard.committed{shard}=kill",
+        "x{hit=0}=kill",
+        "x{hit=two}=kill",
+        "Bad Name=kill",
+    ],
+)
 def test_malformed_specs_are_errors_naming_them(bad):
     with pytest.raises(ValueError, match=failpoints.ENV):
         failpoints.parse(bad)

@@ -1,6 +1,7 @@
 """The lm_head inside the loss: `fused_head_ce_kl_sums(h, W, ...)` equals the autograd reference applied
 to the logits h Wᵀ + b (values and gradients w.r.t. h, W and b), in fp32 and under bf16 autocast; and
 `fused_head_for` uses it only where the model's logits really are lm_head(h)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_losses import NEG_INF, make_case, reference_total
 
-from stage2_student.fused_head import fused_head_ce_kl_sums
-from stage2_student.head import fused_head_for
-from stage2_student.losses import fused_ce_kl_sums, loss_weights
+from stage2_student.lm_head_bypass import fused_head_for
+from stage2_student.losses import fused_ce_kl_sums, fused_head_ce_kl_sums, loss_weights
 
 
 def _case(n=13, v=17, k=5, h=6, seed=5, pad_prob=0.2, bias=True):
@@ -44,8 +44,20 @@ def test_fused_head_equals_reference_on_the_logits(tail, tau, loss_form, lam, ch
     ref_grads = [t.grad for t in (h, w, b) if t is not None]
 
     h2, w2, b2 = _leaves(c)
-    out = fused_head_ce_kl_sums(h2, w2, c["labels"], c["ids"], c["lp"], c["tail"], bias=b2, ce_weight=w_ce,
-                                kl_weight=w_kl, tail=tail, kd_temperature=tau, chunk_size=chunk_size)
+    out = fused_head_ce_kl_sums(
+        h2,
+        w2,
+        c["labels"],
+        c["ids"],
+        c["lp"],
+        c["tail"],
+        bias=b2,
+        ce_weight=w_ce,
+        kl_weight=w_kl,
+        tail=tail,
+        kd_temperature=tau,
+        chunk_size=chunk_size,
+    )
     (out.total * 0.37).backward()
     torch.testing.assert_close(out.total, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.ce, ref[1], rtol=1e-5, atol=1e-5)
@@ -61,8 +73,9 @@ def test_fused_head_equals_the_logits_fused_loss_under_bf16_autocast():
         h, w, b = _leaves(c)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if fused:
-                out = fused_head_ce_kl_sums(h, w, c["labels"], c["ids"], c["lp"], c["tail"], bias=b, kl_weight=1.5,
-                                            chunk_size=16)
+                out = fused_head_ce_kl_sums(
+                    h, w, c["labels"], c["ids"], c["lp"], c["tail"], bias=b, kl_weight=1.5, chunk_size=16
+                )
             else:  # what the logits path does: nn.Linear under autocast, then the fused loss on bf16 logits
                 z = torch.nn.functional.linear(h, w, b)
                 assert z.dtype == torch.bfloat16
@@ -120,7 +133,7 @@ def test_head_used_for_a_plain_model_and_its_hidden_states_reproduce_the_logits(
 def test_head_refused_where_the_logits_are_not_lm_head_of_h(tiny_model_dir, caplog):
     model = _tiny(tiny_model_dir)
     model.config.final_logit_softcapping = 30.0  # what Gemma 2 does after the lm_head
-    with caplog.at_level(logging.INFO, logger="stage2_student.head"):
+    with caplog.at_level(logging.INFO, logger="stage2_student.lm_head_bypass"):
         assert fused_head_for(model, "auto") is None
     assert "final_logit_softcapping" in caplog.text
     with pytest.raises(ValueError, match="final_logit_softcapping"):
@@ -156,12 +169,22 @@ def test_head_refused_for_a_lora_wrapped_lm_head(tiny_model_dir):
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(0, 60), v=st.integers(5, 80), hdim=st.integers(1, 24), k_frac=st.floats(0.0, 1.0),
-       pad_prob=st.sampled_from([0.0, 0.3, 0.9]), seed=st.integers(0, 2**31 - 1),
-       tail=st.sampled_from(["bucket", "renorm"]), tau=st.sampled_from([1.0, 0.5, 3.0]),
-       chunk_size=st.integers(1, 70), lam=st.floats(0.0, 2.0), bias=st.booleans())
-def test_property_fused_head_equals_the_logits_path(n, v, hdim, k_frac, pad_prob, seed, tail, tau, chunk_size, lam,
-                                                    bias):
+@given(
+    n=st.integers(0, 60),
+    v=st.integers(5, 80),
+    hdim=st.integers(1, 24),
+    k_frac=st.floats(0.0, 1.0),
+    pad_prob=st.sampled_from([0.0, 0.3, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+    tail=st.sampled_from(["bucket", "renorm"]),
+    tau=st.sampled_from([1.0, 0.5, 3.0]),
+    chunk_size=st.integers(1, 70),
+    lam=st.floats(0.0, 2.0),
+    bias=st.booleans(),
+)
+def test_property_fused_head_equals_the_logits_path(
+    n, v, hdim, k_frac, pad_prob, seed, tail, tau, chunk_size, lam, bias
+):
     """Any shape, k, padding, chunking: the same sums and gradients (h, W, b) as the fused loss on h Wᵀ + b."""
     k = max(1, min(v, round(k_frac * v)))
     c = _case(n=n, v=v, k=k, h=hdim, seed=seed, pad_prob=pad_prob, bias=bias)
@@ -169,12 +192,32 @@ def test_property_fused_head_equals_the_logits_path(n, v, hdim, k_frac, pad_prob
     for fused in (False, True):
         h, w, b = _leaves(c)
         if fused:
-            out = fused_head_ce_kl_sums(h, w, c["labels"], c["ids"], c["lp"], c["tail"], bias=b, kl_weight=lam,
-                                        tail=tail, kd_temperature=tau, chunk_size=chunk_size)
+            out = fused_head_ce_kl_sums(
+                h,
+                w,
+                c["labels"],
+                c["ids"],
+                c["lp"],
+                c["tail"],
+                bias=b,
+                kl_weight=lam,
+                tail=tail,
+                kd_temperature=tau,
+                chunk_size=chunk_size,
+            )
         else:
             z = h @ w.T + (b if b is not None else 0)
-            out = fused_ce_kl_sums(z, c["labels"], c["ids"], c["lp"], c["tail"], kl_weight=lam, tail=tail,
-                                   kd_temperature=tau, chunk_size=chunk_size)
+            out = fused_ce_kl_sums(
+                z,
+                c["labels"],
+                c["ids"],
+                c["lp"],
+                c["tail"],
+                kl_weight=lam,
+                tail=tail,
+                kd_temperature=tau,
+                chunk_size=chunk_size,
+            )
         out.total.backward()
         outs.append(out)
         grads.append([t.grad for t in (h, w, b) if t is not None])

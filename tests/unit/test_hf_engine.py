@@ -3,9 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stage1_teacher.engines.base import TopK, make_engine, tail_from_topk
+from lm.tokenizer_id import tokenizer_fingerprint
+from stage1_teacher.engines.base import TopK
+from stage1_teacher.engines.factory import make_engine
 from stage1_teacher.engines.hf_engine import HFEngine
-from stage1_teacher.tokenizer_info import tokenizer_fingerprint
+from storage import tail_from_topk
 
 K = 8
 LENGTHS = (1, 2, 7, 23, 40)  # ragged on purpose: padding, a 0-row and a 1-row sequence
@@ -97,7 +99,9 @@ def test_forward_only_is_the_plain_forward(engine, batch, reference_model):
     logits = engine.forward_only(batch)
     assert logits.shape == (len(batch), max(LENGTHS), engine.vocab_size)
     ref = _reference_logprobs(reference_model, batch[3])
-    np.testing.assert_allclose(torch.log_softmax(logits[3, : LENGTHS[3] - 1].float(), -1).numpy(), ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        torch.log_softmax(logits[3, : LENGTHS[3] - 1].float(), -1).numpy(), ref.numpy(), atol=1e-5
+    )
 
 
 def test_tail_from_topk_is_stable():

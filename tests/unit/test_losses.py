@@ -220,8 +220,18 @@ def test_fused_equals_reference_fp32(tail, tau, loss_form, lam, chunk_size):
     _, ref_ce, ref_kl = reference_total(c, c["z"], w_ce=w_ce, w_kl=w_kl, tail=tail, tau=tau)
 
     z = c["z"].clone().requires_grad_(True)
-    out = fused_ce_kl_sums(z, c["labels"], c["ids"], c["lp"], c["tail"], ce_weight=w_ce, kl_weight=w_kl,
-                           tail=tail, kd_temperature=tau, chunk_size=chunk_size)
+    out = fused_ce_kl_sums(
+        z,
+        c["labels"],
+        c["ids"],
+        c["lp"],
+        c["tail"],
+        ce_weight=w_ce,
+        kl_weight=w_kl,
+        tail=tail,
+        kd_temperature=tau,
+        chunk_size=chunk_size,
+    )
     assert out.ce.requires_grad is False and out.kl.requires_grad is False
     out.total.backward()
     torch.testing.assert_close(out.total, ref, rtol=1e-5, atol=1e-5)
@@ -237,8 +247,9 @@ def test_fused_equals_reference_bf16(tail, tau):
     c = make_case(n=21, v=40, k=6, seed=6, pad_prob=0.2, dtype=torch.bfloat16)
     ref, g_ref = grad_of(lambda z: reference_total(c, z, w_ce=1.0, w_kl=1.5, tail=tail, tau=tau)[0], c["z"])
     z = c["z"].clone().requires_grad_(True)
-    out = fused_ce_kl_sums(z, c["labels"], c["ids"], c["lp"], c["tail"], kl_weight=1.5, tail=tail,
-                           kd_temperature=tau, chunk_size=8)
+    out = fused_ce_kl_sums(
+        z, c["labels"], c["ids"], c["lp"], c["tail"], kl_weight=1.5, tail=tail, kd_temperature=tau, chunk_size=8
+    )
     out.total.backward()
     assert z.grad.dtype == torch.bfloat16 and out.total.dtype == torch.float32
     torch.testing.assert_close(out.total, ref, rtol=1e-5, atol=1e-4)  # both upcast the same bf16 values
@@ -284,8 +295,13 @@ def _all_losses(c, z, tail="bucket", tau=1.0):
     for name, fn in DIVERGENCES.items():
         out[name] = grad_of(lambda x, fn=fn: fn(x, c["ids"], c["lp"], c["tail"], tail=tail, kd_temperature=tau), z)
     out["fused"] = grad_of(
-        lambda x: fused_ce_kl_sums(x, c["labels"], c["ids"], c["lp"], c["tail"], tail=tail, kd_temperature=tau,
-                                   chunk_size=3).total, z)
+        lambda x: (
+            fused_ce_kl_sums(
+                x, c["labels"], c["ids"], c["lp"], c["tail"], tail=tail, kd_temperature=tau, chunk_size=3
+            ).total
+        ),
+        z,
+    )
     return out
 
 
@@ -370,8 +386,9 @@ def test_sums_are_additive_over_splits_and_accumulation_matches_one_batch(tail):
     x = torch.randn(12, 14)
 
     def loss_sum(sl):
-        return fused_ce_kl_sums(head(x[sl]), c["labels"][sl], c["ids"][sl], c["lp"][sl], c["tail"][sl],
-                                tail=tail, chunk_size=4).total
+        return fused_ce_kl_sums(
+            head(x[sl]), c["labels"][sl], c["ids"][sl], c["lp"][sl], c["tail"][sl], tail=tail, chunk_size=4
+        ).total
 
     head.zero_grad()
     (loss_sum(slice(0, 12)) / 12).backward()
@@ -430,15 +447,26 @@ def test_invalid_inputs_name_every_problem():
     lam=st.floats(0.0, 1.0),
     loss_form=st.sampled_from(["add", "mix"]),
 )
-def test_property_fused_equals_reference_and_kl_nonnegative(n, v, k_frac, pad_prob, seed, tail, tau, chunk_size,
-                                                           lam, loss_form):
+def test_property_fused_equals_reference_and_kl_nonnegative(
+    n, v, k_frac, pad_prob, seed, tail, tau, chunk_size, lam, loss_form
+):
     k = max(1, min(v, round(k_frac * v)))
     c = make_case(n, v, k, seed, pad_prob=pad_prob)
     w_ce, w_kl = loss_weights(lam, loss_form)
     ref, g_ref = grad_of(lambda z: reference_total(c, z, w_ce=w_ce, w_kl=w_kl, tail=tail, tau=tau)[0], c["z"])
     z = c["z"].clone().requires_grad_(True)
-    out = fused_ce_kl_sums(z, c["labels"], c["ids"], c["lp"], c["tail"], ce_weight=w_ce, kl_weight=w_kl,
-                           tail=tail, kd_temperature=tau, chunk_size=chunk_size)
+    out = fused_ce_kl_sums(
+        z,
+        c["labels"],
+        c["ids"],
+        c["lp"],
+        c["tail"],
+        ce_weight=w_ce,
+        kl_weight=w_kl,
+        tail=tail,
+        kd_temperature=tau,
+        chunk_size=chunk_size,
+    )
     out.total.backward()
     torch.testing.assert_close(out.total, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(z.grad, g_ref, rtol=1e-5, atol=1e-5)

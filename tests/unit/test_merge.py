@@ -1,4 +1,5 @@
 """`stage2_student.merge` and `pipeline merge`: exact endpoints, interpolation, extrapolation, refusals."""
+
 from __future__ import annotations
 
 import logging
@@ -131,6 +132,7 @@ def test_cli(tiny_model_dir, tuned_dir, weights, tmp_path):
     got = _weights(tmp_path / "m")
     k = "model.embed_tokens.weight"
     torch.testing.assert_close(got[k], 0.75 * base_w[k] + 0.25 * tuned_w[k], rtol=0, atol=1e-6)
-    r = cli("merge", "--base", tiny_model_dir, "--tuned", tuned_dir, "--alpha", -1, "--out", tmp_path / "n",
-            expect_ok=False)
+    r = cli(
+        "merge", "--base", tiny_model_dir, "--tuned", tuned_dir, "--alpha", -1, "--out", tmp_path / "n", expect_ok=False
+    )
     assert r.exit_code == 2 and "must be >= 0" in r.output

@@ -1,13 +1,15 @@
 """Baselines: anchor penalties (L2-SP, EWC) and replay mixing."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from stage1_teacher.corpus import Sequence
+from lm.corpus import Sequence
+from stage2_student.batch import pad_inputs
 from stage2_student.config import StudentConfig
-from stage2_student.regularizers import AnchorPenalty, ReplayStream, collate_plain, sample_teacher_targets
+from stage2_student.regularizers import AnchorPenalty, ReplayStream, sample_teacher_targets
 
 
 def test_anchor_gradient_matches_autograd_of_the_penalty():
@@ -37,8 +39,10 @@ def test_anchor_adds_to_existing_gradient_and_uniform_is_l2():
 
 
 def _seqs(n, T=6):
-    return [Sequence(sample_id=i, input_ids=np.arange(T, dtype=np.int32) + i, label_mask=np.ones(T - 1, bool))
-            for i in range(n)]
+    return [
+        Sequence(sample_id=i, input_ids=np.arange(T, dtype=np.int32) + i, label_mask=np.ones(T - 1, bool))
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("ratio, batch, expect", [(0.25, 6, 2), (0.5, 4, 4), (0.1, 2, 1), (0.0, 4, 0)])
@@ -57,7 +61,7 @@ def test_replay_rows_are_disjoint_across_ranks_and_deterministic():
     # Wraps around the corpus into the next epoch's permutation without short batches.
     c = stream.rows(step=3, micro=0, rank=1, world=2, grad_accum=1, n=3)
     assert len(c) == 3
-    batch = collate_plain(c, pad_id=0)
+    batch = pad_inputs(c, pad_id=0)
     assert batch["input_ids"].shape == (3, 6) and int(batch["label_mask"].sum()) == 15
 
 
@@ -69,8 +73,12 @@ def test_replay_needs_data_and_a_ratio():
 
 
 def test_teacher_targets_follow_the_stored_distribution():
-    batch = {"topk_ids": torch.tensor([[5, 7]] * 4000), "topk_logprobs": torch.log(torch.tensor([[0.6, 0.2]] * 4000)),
-             "labels": torch.zeros(1, 4000, dtype=torch.long), "label_mask": torch.ones(1, 4000, dtype=torch.bool)}
+    batch = {
+        "topk_ids": torch.tensor([[5, 7]] * 4000),
+        "topk_logprobs": torch.log(torch.tensor([[0.6, 0.2]] * 4000)),
+        "labels": torch.zeros(1, 4000, dtype=torch.long),
+        "label_mask": torch.ones(1, 4000, dtype=torch.bool),
+    }
     y = sample_teacher_targets(batch, torch.Generator().manual_seed(0))[0]
     share = float((y == 5).float().mean())
     assert abs(share - 0.75) < 0.03  # renormalised over the top k: 0.6 / 0.8

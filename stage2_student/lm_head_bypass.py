@@ -1,12 +1,15 @@
-"""Run a causal LM up to its final hidden states and leave the lm_head to the loss (`fused_head.py`).
+"""Bypass the lm_head: run a causal LM up to its final hidden states and apply the head inside the loss
+(`losses.fused.fused_head_ce_kl_sums`).
 
 The model's own forward is used unchanged, except that its output-embedding module returns its input:
 `model(...).logits` is then the (B, T, H) final hidden states. That holds only where the logits are
 exactly `lm_head(h)`: models that scale or soft-cap them afterwards (Gemma 2's final_logit_softcapping,
 Cohere's logit_scale, Granite's logits_scaling), LoRA on the lm_head, or FSDP / DeepSpeed ZeRO (which
 shard the matrix outside the module's forward) need the logits path. `fused_head_for` decides, and checks the
-equivalence once on the real model before training starts rather than trusting a list of names.
+equivalence once on the real model before training starts (`lm.lm_head.reproduces_logits`) rather than
+trusting a list of names.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +17,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from lm.lm_head import probe_ids, reproduces_logits, scaled_logits_setting
 
-_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+log = logging.getLogger(__name__)
 
 
 class FusedHead:
@@ -54,44 +57,41 @@ def _identity(x):
 def _why_not(model: torch.nn.Module, *, fsdp: bool) -> tuple[str | None, torch.nn.Module | None]:
     if fsdp:
         return "FSDP / DeepSpeed shard the lm_head outside its forward", None
-    cfg = getattr(model, "config", None)
-    for name in _SCALED_LOGITS:
-        v = getattr(cfg, name, None)
-        if v not in (None, 1, 1.0):
-            return f"the model rescales its logits after the lm_head (config.{name}={v})", None
+    scaled = scaled_logits_setting(getattr(model, "config", None))
+    if scaled is not None:
+        name, v = scaled
+        return f"the model rescales its logits after the lm_head (config.{name}={v})", None
     get = getattr(model, "get_output_embeddings", None)
     module = get() if callable(get) else None
     if module is None:
         return "the model exposes no output embeddings (get_output_embeddings() is None)", None
     if type(module) is not torch.nn.Linear:  # LoRA / quantised / custom heads: their forward is not W h + b
-        return f"its lm_head is a {type(module).__name__}, not a plain nn.Linear (LoRA or quantisation on the head?)", None
+        return (
+            f"its lm_head is a {type(module).__name__}, not a plain nn.Linear (LoRA or quantisation on the head?)",
+            None,
+        )
     return None, module
 
 
 @torch.no_grad()
 def _agrees(model: torch.nn.Module, head: FusedHead, device) -> tuple[bool, float]:
-    """One short forward both ways: do lm_head(h) and the model's logits agree?"""
-    vocab = head.weight.shape[0]
-    ids = (torch.arange(1, 17, device=device) * 7919 % vocab)[None]
+    """One short forward both ways: do lm_head(h) and the model's logits agree? (agree, relative error)"""
+    ids = probe_ids(head.weight.shape[0], device)
     was_training = model.training
     model.eval()  # dropout would make the two forwards differ
     try:
-        logits = model(input_ids=ids).logits.float()
+        logits = model(input_ids=ids).logits
         with head.hidden_states():
-            h = model(input_ids=ids).logits
-        mine = head.logits(h.to(head.weight.dtype)).float()
+            hidden = model(input_ids=ids).logits
+        mine = head.logits(hidden.to(head.weight.dtype))
     finally:
         model.train(was_training)
-    if mine.shape != logits.shape:
-        return False, float("inf")
-    err = float((mine - logits).abs().max())
-    scale = float(logits.abs().max()) + 1.0
-    tol = (1e-4 if head.weight.dtype == torch.float32 else 2e-2) * scale
-    return err <= tol, err / scale
+    return reproduces_logits(logits, mine, head.weight.dtype)
 
 
-def fused_head_for(model: torch.nn.Module, setting: str, *, fsdp: bool = False, reason_off: str | None = None,
-                   device=None) -> FusedHead | None:
+def fused_head_for(
+    model: torch.nn.Module, setting: str, *, fsdp: bool = False, reason_off: str | None = None, device=None
+) -> FusedHead | None:
     """The FusedHead to train with, or None for the logits path.
 
     setting: "auto" (use it where it is exact, say why not otherwise), "on" (an error where it cannot be

@@ -1,0 +1,182 @@
+"""Loading models and tokenizers, the one dtype table, and GGUF -> Hugging Face conversion with its cache.
+
+Both stages and the demo load models through here, so a name or folder or GGUF file means the same thing
+everywhere (`model_files.resolve_model_dir` decides what a name points to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .model_files import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+# Every spelling an option accepts -> the canonical name (torch's and vLLM's).
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+CACHE_ENV = "LABEL_ANNEAL_CACHE"
+# Written last into a converted folder; a folder without it (or with another source) is not used.
+_DONE_MARKER = "label_anneal_source.json"
+
+
+def canonical_dtype(name: str, *, option: str = "dtype") -> str:
+    """ "bf16" -> "bfloat16" etc.; an unknown name is an error naming the option and the choices."""
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"{option}={name!r}: choose one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def torch_dtype(name: str, *, option: str = "dtype") -> torch.dtype:
+    return getattr(torch, canonical_dtype(name, option=option))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer of a model folder, hub name or GGUF file inside a folder."""
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(resolve_model_dir(os.fspath(name_or_path)), **kw)
+
+
+def model_limits(model_dir: Path, gguf_file: str | None = None) -> tuple[int, int | None]:
+    """(vocabulary size, context length or None) from the config alone, without loading weights."""
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    cfg = AutoConfig.from_pretrained(model_dir, **kw)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(cfg.vocab_size), getattr(cfg, "max_position_embeddings", None)
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+    """A trainable causal LM. A GGUF checkpoint is dequantised by transformers and rebuilt as a plain
+    model (save_pretrained refuses GGUF-loaded models), so a fine-tuned result saves normally."""
+    path = resolve_model_dir(os.fspath(name_or_path))
+    if gguf_file:
+        return gguf_as_plain_model(path / gguf_file, dtype)[0]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $LABEL_ANNEAL_CACHE, else ~/.cache/label-anneal."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "label-anneal"
+
+
+def convert_gguf_once(gguf_path: Path, final: Path, source: dict) -> Path:
+    """`final`: a plain fp32 Hugging Face folder converted from `gguf_path`, built once.
+
+    Built in a temporary folder beside the final one, marked with `source` and renamed into place: a
+    folder under the final name whose marker equals `source` is complete and reused; one with another
+    marker (an older conversion, an interrupted copy) is replaced; two racing processes both build and
+    one rename wins.
+    """
+    if _is_done(final, source):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        log.info("converting %s into %s (once; 20-40 s for a 135M model)", gguf_path, final)
+        _convert_gguf(gguf_path, tmp)
+        _chmod_like_umask(tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            if _is_done(final, source):  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            stale = final.with_name(f".{final.name}.stale.{os.getpid()}")
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process renamed its complete folder into place between our check and rename.
+            if not _is_done(final, source):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _chmod_like_umask(folder: Path) -> None:
+    # mkdtemp makes the folder 0700 (and some writers make 0600 files); a shared cache wants the
+    # permissions an ordinary mkdir/open would have given.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
+def _is_done(folder: Path, source: dict) -> bool:
+    try:
+        return json.loads((folder / _DONE_MARKER).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def gguf_as_plain_model(gguf_path: Path, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a GGUF file, as a plain transformers model that `save_pretrained` accepts.
+
+    transformers dequantises GGUF on load (needs `gguf`), but refuses to save a model that carries a
+    quantization_config; a fresh model built from the cleaned config takes the same weights (all keys
+    match) and saves as a normal folder.
+    """
+    dtype = dtype or torch.float32
+    src_dir, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings may list lm_head.weight as missing; anything else is a real mismatch.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"GGUF → HF conversion: weights do not match the config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.generation_config = loaded.generation_config
+    return model, tokenizer
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    model, tokenizer = gguf_as_plain_model(gguf_path)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def dequantise_gguf(model_dir: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a plain fp32 Hugging Face folder that vLLM can load (vLLM 0.32
+    has no GGUF loader), under `<cache>/gguf-dequantised/` (see `cache_root`).
+    Cached by the GGUF file's resolved path, size and mtime; built in a temporary folder and renamed.
+    """
+    src = Path(model_dir) / gguf_file
+    if not src.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {model_dir}")
+    st = src.stat()
+    source = {"gguf": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return convert_gguf_once(src, cache_root(cache_dir) / "gguf-dequantised" / f"{src.stem}-{key}", source)

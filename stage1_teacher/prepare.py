@@ -1,0 +1,118 @@
+"""From a `TeacherConfig` to what a capture task needs: the run spec, the task's sequences and the engine.
+
+Nothing here loads model weights: a task whose shards are all done learns that from the spec and the run
+directory alone. Every problem with the options is collected and raised once, before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lm.corpus import CorpusResult, load_sequences
+from lm.loading import canonical_dtype, load_tokenizer, model_limits
+from lm.model_files import model_identity, resolve_model_dir
+from lm.tokenizer_id import tokenizer_fingerprint
+from storage import Encoding, RunSpec, mode_of
+from storage.layout import FORMAT_VERSION
+
+from .config import TeacherConfig
+from .engines.base import Engine
+from .engines.factory import make_engine, resolve_engine_name
+
+log = logging.getLogger(__name__)
+
+
+def resolve_engine_and_dtype(config: TeacherConfig) -> tuple[str, str, str]:
+    """(engine, device, dtype) with every "auto" decided for this machine."""
+    engine = resolve_engine_name(config.engine)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = (
+            "bfloat16" if (engine == "vllm" and torch.cuda.is_available()) or device.startswith("cuda") else "float32"
+        )
+    return engine, device, canonical_dtype(dtype, option="--dtype")
+
+
+def prepare(config: TeacherConfig) -> tuple[RunSpec, CorpusResult, Path, tuple[str, str, str]]:
+    """(spec, tokenized corpus, model folder, (engine, device, dtype)); no model weights loaded."""
+    model_dir = resolve_model_dir(config.model)
+    identity = model_identity(model_dir, name_or_path=config.model, gguf_file=config.gguf_file)
+    engine, device, dtype = resolve_engine_and_dtype(config)
+    mode = mode_of({"mode": config.resolved_capture(engine)})
+    if mode.name != config.capture:
+        log.info("--capture auto: %s with the %s engine", mode.name, engine)
+    fields = mode.spec_fields(
+        top_k=config.top_k, top_p=config.top_p, min_k=config.min_k, draws=config.draws, seed=config.seed
+    )
+    vocab_size, max_pos = model_limits(model_dir, config.gguf_file)
+    problems = []
+    if config.top_k > vocab_size:
+        problems.append(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size})")
+    elif fields.get("head_k") and config.top_k + config.draws > vocab_size:
+        problems.append(
+            f"--top-k {config.top_k} + --draws {config.draws} exceed the teacher's vocabulary ({vocab_size})"
+        )
+    if max_pos is not None and config.seq_len > max_pos:
+        problems.append(f"--seq-len {config.seq_len} exceeds the teacher's context ({max_pos} positions)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    tokenizer = load_tokenizer(model_dir, config.gguf_file)
+    corpus = load_sequences(
+        config.data,
+        tokenizer,
+        seq_len=config.seq_len,
+        text_field=config.text_field,
+        messages_field=config.messages_field,
+        train_on_prompt=config.train_on_prompt,
+        max_samples=config.max_samples,
+        pack=config.pack,
+        split=config.split,
+    )
+    n = corpus.num_sequences
+    if config.num_shards > n:
+        raise ValueError(
+            f"--num-shards {config.num_shards} exceeds the {n} sequences of {config.data}: "
+            f"every shard needs at least one sequence; use --num-shards <= {n}"
+        )
+    if mode.sampled and engine != "hf":
+        raise ValueError(f"--capture {mode.name} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
+    encoding = Encoding.parse(config.encoding)
+    if mode.sampled and encoding.ids == "delta":
+        raise ValueError(f"--capture {mode.name} stores draw counts in entry order: use ids=plain in --encoding")
+    spec = RunSpec(
+        teacher={**identity, "dtype": dtype},
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        vocab_size=vocab_size,
+        k=mode.stored_width(config.top_k, config.draws),
+        encoding=encoding.to_dict(),
+        capture={"mode": mode.name, "engine": engine, "dtype": dtype, **fields},
+        corpus={"fingerprint": corpus.fingerprint, "source": str(config.data), **corpus.settings},
+        seq_len=config.seq_len,
+        num_shards=config.num_shards,
+        num_sequences=n,
+        format_version=FORMAT_VERSION,
+    )
+    return spec, corpus, model_dir, (engine, device, dtype)
+
+
+def build_engine(
+    spec: RunSpec, model_dir: Path, engine_name: str, device: str, dtype: str, gguf_file: str | None
+) -> Engine:
+    """The engine that scores this run's shards (in this process, or once per Ray worker)."""
+    engine = make_engine(
+        engine_name,
+        str(model_dir),
+        dtype=dtype,
+        device=device,
+        gguf_file=gguf_file,
+        **({"max_model_len": spec.seq_len, "max_logprobs": spec.k} if engine_name == "vllm" else {}),
+    )
+    if engine.vocab_size != spec.vocab_size:
+        raise ValueError(f"engine reports vocabulary {engine.vocab_size}, the model config {spec.vocab_size}")
+    return engine

@@ -1,0 +1,175 @@
+"""The shard as the unit of stage-1 work, shared by the local driver (`run.py`) and the Ray driver.
+
+A shard is a contiguous block of the corpus's sequences (`shard_bounds`). Capturing it = scoring its
+sequences in batches of `batch_size` (restarting at the shard's start, so a shard's bytes never depend on
+which process or driver wrote it) and writing them with one `ShardWriter`. A shard under its final name is
+complete and skipped on restart; a killed process loses at most the shard it was writing. The manifest is
+written by whichever process sees every shard present (`finalize_if_complete`), or by `pipeline teacher --finalize`.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from storage import Encoding, RunSpec, ShardReceipt, ShardWriter, build_manifest, missing_shards, mode_of, shard_path
+
+from .capture_modes import score_batch, stored_entries
+from .engines.base import Engine
+
+
+def shard_bounds(num_sequences: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) blocks of sequence indices, sizes differing by at most one."""
+    edges = np.linspace(0, num_sequences, num_shards + 1).round().astype(int)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(num_shards)]
+
+
+def pending_shards(run_dir: Path, spec: RunSpec, shard_index: int | None) -> tuple[list[int], int]:
+    """(this task's shards not yet under their final name, how many this task owns): all shards, or one."""
+    mine = list(range(spec.num_shards)) if shard_index is None else [shard_index]
+    return [i for i in mine if not shard_path(run_dir, i, spec.num_shards).exists()], len(mine)
+
+
+@contextmanager
+def sigterm_as_exit():
+    """SLURM and Kubernetes send SIGTERM on preemption: turn it into SystemExit in the main thread so
+    the shard in flight is abandoned cleanly (its tmp file removed), never left half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def write_shard(engine: Engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) -> ShardReceipt:
+    """Score `seqs` and write them as one shard; encoding and zstd run on a background thread so the
+    engine never waits on compression. `bar.update(trained tokens)` after each batch."""
+    enc = Encoding.from_dict(spec.encoding)
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+    mode = mode_of(spec.capture)
+    with ShardWriter(
+        path,
+        fingerprint=spec.fingerprint,
+        k=spec.k,
+        vocab_size=spec.vocab_size,
+        encoding=enc,
+        variable=mode.variable,
+        sampled=mode.sampled,
+    ) as writer:
+
+        def consume():
+            try:
+                while (item := q.get()) is not None:
+                    for seq, top in item:
+                        writer.add(
+                            seq.sample_id,
+                            seq.input_ids,
+                            seq.label_mask,
+                            *stored_entries(spec.capture, top, seq.label_mask),
+                        )
+            except BaseException as e:  # surfaced in the main thread below
+                failure.append(e)
+
+        t = threading.Thread(target=consume, name="shard-writer", daemon=True)
+        t.start()
+        try:
+            for start in range(0, len(seqs), batch_size):
+                batch = seqs[start : start + batch_size]
+                tops = score_batch(engine, spec.capture, spec.k, batch)
+                while True:
+                    if failure:
+                        raise failure[0]
+                    try:
+                        q.put(list(zip(batch, tops)), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                bar.update(sum(int(s.label_mask.sum()) for s in batch))
+        finally:
+            # The sentinel only while the writer lives: one that died on a row never drains the queue
+            # again, and a blocking put into a full queue would wait forever.
+            while t.is_alive():
+                try:
+                    q.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            t.join()
+        if failure:
+            raise failure[0]
+        return writer.close()
+
+
+def finalize(run_dir: Path) -> dict:
+    """Check every shard is present and consistent, and write manifest.json. Names missing shards."""
+    m = build_manifest(run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "rows": m.rows,
+        "trained_tokens": m.trained_tokens,
+        "bytes": m.bytes,
+        "bytes_per_trained_token": m.bytes / max(m.trained_tokens, 1),
+        "finalized": True,
+    }
+
+
+def finalize_if_complete(run_dir: Path, spec: RunSpec, summary: dict) -> dict:
+    """Write the manifest if this process completed the run; otherwise say which shards are missing."""
+    missing = missing_shards(run_dir, spec)
+    if missing:
+        summary["missing_shards"] = missing
+    else:
+        summary["run"] = finalize(run_dir)
+        summary["finalized"] = True
+    return summary
+
+
+def task_summary(
+    run_dir: Path, spec: RunSpec, written: Iterable[dict], *, scoring_s: float, wall_s: float, **extra
+) -> dict:
+    """What this task wrote, at what rate, before `finalize_if_complete`. `written`: one dict per shard written,
+    with the receipt's index, rows, trained_tokens and bytes; `extra` adds driver-specific keys."""
+    written = list(written)
+    tokens = sum(r["trained_tokens"] for r in written)
+    size = sum(r["bytes"] for r in written)
+    return {
+        "run_dir": str(run_dir),
+        "shards_written": sorted(r["index"] for r in written),
+        "sequences": sum(r["rows"] for r in written),
+        "trained_tokens": tokens,
+        "tokens_per_s": tokens / scoring_s if scoring_s else None,
+        "bytes": size,
+        "bytes_per_trained_token": size / max(tokens, 1) if written else None,
+        "wall_s": wall_s,
+        "finalized": False,
+        "capture": spec.capture,
+        **extra,
+    }
+
+
+def summary_line(s: dict) -> str:
+    rate = f"{s['tokens_per_s']:,.0f} tok/s" if s.get("tokens_per_s") else "nothing to score"
+    b = (s.get("run") or s).get("bytes_per_trained_token")
+    bpt = f"{b:.1f} B/trained token" if b else "-"
+    state = "finalized" if s.get("finalized") else f"waiting for shards {s.get('missing_shards', [])[:8]}"
+    cap = s.get("capture")
+    mode = mode_of(cap).label(cap) if cap else ""
+    return (
+        f"teacher: {s['sequences']:,} sequences, {s['trained_tokens']:,} trained tokens, {rate}, {bpt}, "
+        + (f"capture {mode}, " if mode else "")
+        + f"{state} -> {s['run_dir']}"
+    )

@@ -1,0 +1,116 @@
+"""Shard receipts: what a finished shard holds (rows, bytes, sha256, fingerprint), written next to
+it before it is renamed into place, and the checks of a shard on disk against its receipt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ForeignShardError, IncompleteRunError, ShardCorruptError
+from .layout import FORMAT_VERSION, receipt_path
+from .shard_reader import ShardReader, redo_hint
+from .spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardReceipt:
+    """What a finished shard holds; the manifest is the list of these plus the run spec."""
+
+    name: str
+    index: int
+    num_shards: int
+    rows: int
+    tokens: int
+    trained_tokens: int
+    topk_mass_sum: float  # Σ over trained positions of the teacher mass inside the top k
+    bytes: int
+    sha256: str
+    fingerprint: str
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardReceipt":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def receipt_for(shard: Path, spec: RunSpec) -> ShardReceipt:
+    """The receipt of a complete shard, checked against the file; rebuilt from the file if lost."""
+    shard = Path(shard)
+    rpath = receipt_path(shard)
+    size = os.path.getsize(shard)
+    if rpath.exists():
+        try:
+            receipt = ShardReceipt.from_dict(json.loads(rpath.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ShardCorruptError(f"{rpath}: damaged receipt ({e!r}). {redo_hint(shard)}") from e
+        if receipt.fingerprint != spec.fingerprint:
+            raise ForeignShardError(
+                f"{shard}: belongs to another run (fingerprint {receipt.fingerprint}, "
+                f"this run {spec.fingerprint}). Move it out, or {redo_hint(shard).lower()}"
+            )
+        if receipt.bytes != size:
+            raise ShardCorruptError(
+                f"{shard}: {size} bytes on disk, its receipt says {receipt.bytes}: "
+                f"the file was truncated or altered. {redo_hint(shard)}"
+            )
+        return receipt
+    log.warning("%s: receipt missing, rebuilding it from the file", shard)
+    reader = ShardReader(shard, expect_fingerprint=spec.fingerprint)
+    if reader.stats is None:
+        raise ShardCorruptError(f"{shard}: no receipt and no stats in the file. {redo_hint(shard)}")
+    return ShardReceipt(
+        name=shard.name,
+        index=reader.index,
+        num_shards=reader.num_shards,
+        bytes=size,
+        sha256=sha256_file(shard),
+        fingerprint=spec.fingerprint,
+        **reader.stats,
+    )
+
+
+def verify_shard(path: Path, receipt: ShardReceipt, spec: RunSpec, *, checksum: bool) -> None:
+    """Raise a specific StorageError if the shard on disk is not the one the manifest lists."""
+    path = Path(path)
+    if not path.exists():
+        raise_missing(path, receipt.index)
+    size = os.path.getsize(path)
+    if size != receipt.bytes:
+        raise ShardCorruptError(
+            f"{path}: {size} bytes on disk, the manifest says {receipt.bytes}: truncated or replaced. {redo_hint(path)}"
+        )
+    ShardReader(path, expect_fingerprint=spec.fingerprint)  # footer and metadata
+    if checksum:
+        digest = sha256_file(path)
+        if digest != receipt.sha256:
+            raise ShardCorruptError(
+                f"{path}: checksum mismatch (sha256 {digest[:12]}…, manifest "
+                f"{receipt.sha256[:12]}…): the file is corrupt. {redo_hint(path)}"
+            )
+
+
+def raise_missing(path: Path, index: int):
+    raise IncompleteRunError(
+        f"{path}: shard {index} listed in the manifest is missing. "
+        f"Re-run `pipeline teacher --shard-index {index}` into this run directory"
+    )
+
+
+__all__ = ["ShardReceipt", "sha256_file", "receipt_for", "verify_shard", "raise_missing"]

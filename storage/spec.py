@@ -1,0 +1,142 @@
+"""The run spec (`run.json`): every setting that changes what the shards contain.
+
+Its fingerprint (sha256 of the canonical JSON) is repeated in every shard's metadata and receipt,
+so a stray shard from another run is detected. `claim_run_dir` writes it first (first writer wins);
+a later run into the same directory must have identical settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import fsync_dir, tmp_path
+from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError, RunWriteError
+from .layout import FORMAT_NAME, FORMAT_VERSION, RUN_SPEC
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    teacher: dict  # name_or_path, config_sha256, weights_sha256, dtype
+    tokenizer: dict  # hash, vocab_size, eos_token_id, pad_token_id
+    vocab_size: int  # the teacher's output dimension (may exceed len(tokenizer))
+    k: int
+    encoding: dict  # storage.codec.Encoding.to_dict()
+    capture: dict  # engine, dtype, mode (storage.capture), ... : anything that changes the stored values
+    corpus: dict  # fingerprint, source, fields, packing
+    seq_len: int
+    num_shards: int
+    num_sequences: int
+    format_version: int = FORMAT_VERSION
+
+    def identity(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_NAME, **self.identity(), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: Path | str = "run spec") -> "RunSpec":
+        if d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{source}: not a label-anneal run (format={d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{source}: shard format version {d.get('format_version')} is not supported by this "
+                f"label-anneal (reads version {FORMAT_VERSION}); re-run `pipeline teacher` with this version "
+                f"or use the label-anneal release that wrote it"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise ManifestError(
+                f"{source}: missing field(s) {missing}; the file is damaged or hand-edited. "
+                f"Rebuild it with `pipeline teacher --finalize RUN_DIR`"
+            )
+        spec = cls(**{n: d[n] for n in names})
+        if "fingerprint" in d and d["fingerprint"] != spec.fingerprint:
+            raise ManifestError(
+                f"{source}: the stored fingerprint does not match the settings in the file "
+                f"(was it edited by hand?). Restore it or rebuild with `pipeline teacher --finalize RUN_DIR`"
+            )
+        return spec
+
+    def diff(self, other: "RunSpec") -> list[str]:
+        a, b = self.identity(), other.identity()
+        out = []
+        for key in a:
+            if a[key] != b[key]:
+                if isinstance(a[key], dict) and isinstance(b[key], dict):
+                    for sub in sorted(set(a[key]) | set(b[key])):
+                        if a[key].get(sub) != b[key].get(sub):
+                            out.append(f"{key}.{sub}: {a[key].get(sub)!r} vs {b[key].get(sub)!r}")
+                else:
+                    out.append(f"{key}: {a[key]!r} vs {b[key]!r}")
+        return out
+
+
+def read_json(path: Path) -> dict:
+    """A run-level JSON file (run.json, manifest.json); damaged JSON is a ManifestError naming the fix."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(
+            f"{path}: not valid JSON ({e}); the file is damaged. "
+            f"Rebuild it with `pipeline teacher --finalize {path.parent}`"
+        ) from e
+
+
+def load_run_spec(run_dir: Path) -> RunSpec:
+    path = Path(run_dir) / RUN_SPEC
+    if not path.exists():
+        raise IncompleteRunError(
+            f"{run_dir}: no {RUN_SPEC}; this is not a label-anneal run directory "
+            f"(create one with `pipeline teacher --out {run_dir} ...`)"
+        )
+    return RunSpec.from_dict(read_json(path), path)
+
+
+def claim_run_dir(run_dir: Path, spec: RunSpec) -> RunSpec:
+    """Write run.json if absent (atomically, first writer wins); else require identical settings.
+
+    Re-running with different settings into an existing run directory is an error, never a mix.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_SPEC
+    if not path.exists():
+        tmp = tmp_path(path)
+        try:
+            tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another process created it first: then compare below
+            fsync_dir(run_dir)
+        except FileExistsError:
+            pass
+        except OSError as e:  # disk full: no half-written run.json (or its tmp) is left behind
+            raise RunWriteError.from_os_error(path, e, "re-run the same command") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+    existing = load_run_spec(run_dir)
+    if existing.fingerprint != spec.fingerprint:
+        diffs = existing.diff(spec)
+        raise ForeignShardError(
+            f"{run_dir} already holds a run with different settings (existing vs now):\n  "
+            + "\n  ".join(diffs[:12])
+            + f"\nUse a new --out directory, or delete {run_dir} to start over."
+        )
+    return existing
+
+
+__all__ = ["RunSpec", "claim_run_dir", "load_run_spec", "read_json"]
