@@ -212,8 +212,12 @@ def test_flipped_bytes_fail_checksum(tmp_path):
     data = bytearray(p.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same size, different content
     p.write_bytes(bytes(data))
+    reader = RunReader(tmp_path, verify="checksum")  # sizes only: shards are checked when first read
+    reader[0]  # shard 0 is intact
     with pytest.raises(ShardCorruptError, match="checksum mismatch"):
-        RunReader(tmp_path, verify="checksum")
+        reader[len(reader) - 1]  # the last row lives in shard 1
+    with pytest.raises(ShardCorruptError, match="checksum mismatch"):
+        list(RunReader(tmp_path, verify="checksum"))
 
 
 def test_shard_from_another_run_detected(tmp_path):
@@ -228,7 +232,7 @@ def test_shard_from_another_run_detected(tmp_path):
         build_manifest(a)
     # Even when a matching receipt is forged, opening the shard checks its embedded fingerprint.
     with pytest.raises(ForeignShardError):
-        RunReader(a)
+        list(RunReader(a, verify="size"))
 
 
 def test_shard_of_other_split_detected(tmp_path):
