@@ -16,10 +16,11 @@ What it does
        this machine is in bench/RESULTS.md, "Stage 2 step cost": 4 × 128 tokens (508 trained positions) in
        4,585 ms, i.e. 111 trained tokens/s (`SMOLLM2_CPU_TOKENS_PER_S`).
     4. Loop step time with the real loader ÷ with pre-loaded batches: one process trains a stand-in model (an
-       embedding, two 1024-wide layers and the output layer, CE) for `--loop-steps` steps, (a) taking batches from
-       `iter_steps` (decoded and collated on the loader thread) and (b) from a list prepared before the loop;
-       interleaved rounds, median. torch uses one thread, leaving the other core to the loader thread, as a GPU
-       job leaves its CPU cores to the loader.
+       embedding, two 512-wide layers and the output layer, CE; batch G / 8) for `--loop-steps` steps, (a) taking
+       batches from `iter_steps` (decoded and collated on the loader thread) and (b) from a list prepared before
+       the loop; both after their first step (the loader's time to its first batch is reported apart: paid once
+       per start or resume); one warm-up round, then interleaved rounds, median. torch uses one thread, leaving the
+       other core to the loader thread, as a GPU job leaves its CPU cores to the loader.
     5. Shuffle quality on this run, the lane order vs the order before issue 13 (one global order: row groups
        permuted, rows shuffled within windows of 4 row groups, global batch s = order[s·G : (s+1)·G]; reproduced
        here as `previous_order`): distinct row groups per global batch ÷ G, the steps over which a row group's
@@ -40,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import OUT, ROOT, interleaved, log, machine_info, median, paired_ratios, table, write_json  # noqa: E402
+from bench.common import OUT, ROOT, log, machine_info, median, paired_ratios, table, write_json  # noqa: E402
 
 SMOLLM2_CPU_TOKENS_PER_S = 508 / 4.585  # bench/RESULTS.md, "Stage 2 step cost", λ = 1 (fused head)
 WORLDS = (1, 2, 4, 8)
@@ -175,11 +176,11 @@ def loop_ratio(run_dir: Path, *, batch_size: int, steps: int, repeats: int, bloc
     vocab = RunReader(run_dir, verify="none").spec.vocab_size
     model = torch.nn.Sequential(
         torch.nn.Embedding(vocab, 256),
-        torch.nn.Linear(256, 1024),
+        torch.nn.Linear(256, 512),
         torch.nn.GELU(),
-        torch.nn.Linear(1024, 1024),
+        torch.nn.Linear(512, 512),
         torch.nn.GELU(),
-        torch.nn.Linear(1024, vocab),
+        torch.nn.Linear(512, vocab),
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
@@ -205,27 +206,56 @@ def loop_ratio(run_dir: Path, *, batch_size: int, steps: int, repeats: int, bloc
             block_rows=block_rows,
         )
 
-    preloaded = list(new_loader().iter_steps(0, steps))
+    preloaded = list(new_loader().iter_steps(0, steps + 1))
 
-    def with_loader():
-        for batches in new_loader().iter_steps(0, steps):  # a fresh loader: it decodes everything again
+    loader_cpu: list[float] = []
+
+    def with_loader() -> tuple[float, float]:
+        """(seconds to the first batch, seconds of steps 1..steps). A fresh loader: it decodes everything again."""
+        t0 = time.perf_counter()
+        lb = new_loader()
+        it = lb.iter_steps(0, steps + 1)
+        first = next(it)
+        t1 = time.perf_counter()
+        train_step(first)
+        t2 = time.perf_counter()
+        for batches in it:
             train_step(batches)
+        loader_cpu.append(lb.thread_cpu_s)
+        return t1 - t0, time.perf_counter() - t2
 
-    def with_preloaded():
-        for batches in preloaded:
+    def with_preloaded() -> tuple[float, float]:
+        train_step(preloaded[0])
+        t0 = time.perf_counter()
+        for batches in preloaded[1:]:
             train_step(batches)
+        return 0.0, time.perf_counter() - t0
 
-    times = interleaved({"loader": with_loader, "preloaded": with_preloaded}, repeats, log=log)
+    times: dict[str, list[float]] = {"loader": [], "preloaded": []}
+    first_batch: list[float] = []
+    for r in range(repeats + 1):  # round 0 is a warm-up; each round runs both, so load hits them alike
+        for name, fn in (("loader", with_loader), ("preloaded", with_preloaded)):
+            t_first, t_steps = fn()
+            if r:
+                times[name].append(t_steps)
+                if name == "loader":
+                    first_batch.append(t_first)
+            log(f"  round {r}/{repeats} {name}: {t_steps:.2f} s ({steps} steps)")
     ratios = paired_ratios(times["loader"], times["preloaded"])
     return {
         "steps": steps,
         "batch_size": batch_size,
         "loader_s": times["loader"],
         "preloaded_s": times["preloaded"],
+        "first_batch_s": first_batch,
         "step_ms_loader": 1000 * median(times["loader"]) / steps,
         "step_ms_preloaded": 1000 * median(times["preloaded"]) / steps,
         "ratio_of_medians": median(times["loader"]) / median(times["preloaded"]),
         "ratio_per_round": ratios,
+        # CPU time of the loader thread per step (all steps, first included) ÷ the pre-loaded step time: the most
+        # the loader can add to a step when it has no core of its own; independent of the machine's load.
+        "loader_cpu_ms_per_step": 1000 * median(loader_cpu[1:]) / (steps + 1),
+        "loader_cpu_over_step": (median(loader_cpu[1:]) / (steps + 1)) / (median(times["preloaded"]) / steps),
     }
 
 
@@ -298,10 +328,12 @@ def quality(run_dir: Path, *, global_batch: int, row_group_rows: int, block_rows
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--global-batch", type=int, default=64)
+    # 48: lanes of 682.7 rows, so lanes start inside blocks and some blocks are cut between two lanes (64 would align
+    # every lane with a block and hide that cost).
+    ap.add_argument("--global-batch", type=int, default=48)
     ap.add_argument("--row-group-rows", type=int, default=32)
-    ap.add_argument("--loop-steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--loop-steps", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     shards, rows = (64, 32) if args.quick else (512, 64)
     seq_len, k, vocab = 128, 8, 512
@@ -350,14 +382,26 @@ def main() -> None:
     loop = loop_ratio(run_dir, batch_size=G // 8, steps=args.loop_steps, repeats=args.repeats, block_rows=block_rows)
     print(
         table(
-            ["steps", "step ms, real loader", "step ms, pre-loaded", "ratio of medians", "per-round ratios"],
+            [
+                "steps",
+                "first batch s",
+                "step ms, real loader",
+                "step ms, pre-loaded",
+                "ratio of medians",
+                "per round",
+                "loader thread CPU ms / step",
+                "÷ step",
+            ],
             [
                 [
                     loop["steps"],
+                    f"{median(loop['first_batch_s']):.3f}",
                     f"{loop['step_ms_loader']:.1f}",
                     f"{loop['step_ms_preloaded']:.1f}",
                     f"{loop['ratio_of_medians']:.3f}",
                     ", ".join(f"{r:.3f}" for r in loop["ratio_per_round"]),
+                    f"{loop['loader_cpu_ms_per_step']:.2f}",
+                    f"{loop['loader_cpu_over_step']:.4f}",
                 ]
             ],
             title=f"Training loop, batch {G // 8}, stand-in model, torch 1 thread",

@@ -14,7 +14,8 @@ Reading follows the rows this process trains, not the size of the run:
       batch_size · grad_accum · (block_rows + 2 · row-group rows − 2)      (the lanes' current blocks; with the
       default block_rows = the writer's row-group size and aligned row groups this is batch_size · grad_accum ·
       block_rows)
-    + (prefetch_steps + 1) · batch_size · grad_accum                       (collated micro-batches queued or in use)
+    + (prefetch_steps + 2) · batch_size · grad_accum                       (collated micro-batches: queued, being
+                                                                            built, and the step training on one)
   plus at most `max_open_files` open Parquet files (footers only). Independent of the number of shards and rows.
 - `iter_steps(start, stop)` decodes and collates on a background thread, `prefetch_steps` steps ahead of the
   training loop, from any step: a resumed run starts exactly where it stopped, mid-epoch included.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -79,24 +81,30 @@ class RankBatches:
         self._order: EpochOrder | None = None
         self._lanes: dict[int, _Lane] = {}
         self.rows_trained = 0  # real rows handed out (for the loader benchmark)
+        self.thread_cpu_s = 0.0  # CPU time the loader thread spent reading and collating (for the benchmark)
 
-    def order(self, epoch: int) -> EpochOrder:
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(
+            self.reader.shard_rows,
+            seed=self.seed,
+            epoch=epoch,
+            global_batch=self.global_batch,
+            shuffle=self.shuffle,
+            block_rows=self.block_rows,
+        )
+
+    def _lane_order(self, epoch: int) -> EpochOrder:
+        """The order the lanes read (loader thread only)."""
         if self._order is None or self._order.epoch != epoch:
-            self._order = EpochOrder(
-                self.reader.shard_rows,
-                seed=self.seed,
-                epoch=epoch,
-                global_batch=self.global_batch,
-                shuffle=self.shuffle,
-                block_rows=self.block_rows,
-            )
+            self._order = self.epoch_order(epoch)
             self._lanes = {}  # a new epoch: every lane starts on a new block
         return self._order
 
     def step_rows(self, step: int) -> list[np.ndarray]:
-        """Global row indices of this process's micro-batches at optimizer step `step` (no shard is read)."""
+        """Global row indices of this process's micro-batches at optimizer step `step` (no shard is read; safe to
+        call while `iter_steps` runs)."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        order = self.order(epoch)
+        order = self.epoch_order(epoch)
         return [order.rows(self._lanes_of(j), s) for j in range(self.grad_accum)]
 
     def _lanes_of(self, micro: int) -> range:
@@ -132,7 +140,7 @@ class RankBatches:
     def step_batches(self, step: int) -> list[dict]:
         """This process's `grad_accum` collated micro-batches of optimizer step `step`, on the calling thread."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        order = self.order(epoch)
+        order = self._lane_order(epoch)
         out = []
         for j in range(self.grad_accum):
             rows = [r for lane in self._lanes_of(j) if (r := self._row(order, lane, s)) is not None]
@@ -164,7 +172,10 @@ class RankBatches:
         def work():
             try:
                 for step in range(start, stop):
-                    if not put(("batch", self.step_batches(step))):
+                    t0 = time.thread_time()
+                    batches = self.step_batches(step)
+                    self.thread_cpu_s += time.thread_time() - t0
+                    if not put(("batch", batches)):
                         return
                 put(("end", None))
             except BaseException as e:  # handed to the training loop, raised there

@@ -278,3 +278,11 @@ def test_running_out_of_file_descriptors_names_the_limit_not_corruption(tmp_path
     msg = p.stdout
     assert "ulimit -n" in msg and "open-files limit" in msg and "--max-open-files" in msg
     assert "corrupt" not in msg.lower() and "delete" not in msg.lower()
+
+
+@pytest.mark.parametrize("option", ["shuffle_block", "prefetch_steps", "max_open_files"])
+def test_loader_options_are_range_checked(option):
+    from stage2_student.config import StudentConfig
+
+    with pytest.raises(ValueError, match=f"{option}=0: must be >= 1"):
+        StudentConfig(run_dir="r", out="o", **{option: 0})
