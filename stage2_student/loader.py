@@ -20,6 +20,13 @@ Reading follows the rows this process trains, not the size of the run:
 - `iter_steps(start, stop)` decodes and collates on a background thread, `prefetch_steps` steps ahead of the
   training loop, from any step: a resumed run starts exactly where it stopped, mid-epoch included.
 
+Why not a library: mosaicml/streaming has the same ideas (shards assigned per node, block shuffles, an order that
+survives a change of node count) but reads its own MDS format, so the run would have to be converted (a second
+copy of terabytes); WebDataset streams tar shards sequentially with no exact mid-epoch resume; torchdata's
+`StatefulDataLoader` saves a loader's position, but here the position is already the optimizer step, because the
+order is a pure function of it. What is left is small: the lane arithmetic (`data.EpochOrder`), one thread and a
+bounded queue.
+
 In the short last step of an epoch (the leftover rows), a micro-batch whose lanes are all exhausted is a single
 padding row with no trained position: every process still runs the same forward/backward passes (DDP stays in
 step), and the loss, normalised by the global count of trained positions, is exactly that of the real rows.

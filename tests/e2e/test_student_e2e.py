@@ -124,7 +124,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_run):
     out = tmp_path / "killed"
     # The process kills itself right after checkpoint 4 is renamed into place (storage/failpoints.py).
     p = spawn(
-        "student", *args, "--out", out, "--save-every", 1, env={FAILPOINTS_ENV: "checkpoint.renamed{step=10}=kill"}
+        "student", *args, "--out", out, "--save-every", 1, env={FAILPOINTS_ENV: "checkpoint.renamed{step=4}=kill"}
     )
     log, _ = p.communicate()
     assert p.returncode == -signal.SIGKILL, log[-2000:]
