@@ -286,3 +286,22 @@ def test_loader_options_are_range_checked(option):
 
     with pytest.raises(ValueError, match=f"{option}=0: must be >= 1"):
         StudentConfig(run_dir="r", out="o", **{option: 0})
+
+
+def test_resume_locks_the_global_batch_not_its_factors(tmp_path):
+    from stage2_student.config import StudentConfig
+    from stage2_student.train import _check_resume  # the rule itself; the e2e tests run it through the CLI
+
+    saved = StudentConfig(run_dir="r", out="o", batch_size=2, grad_accum=2)  # on 2 processes: G = 8
+    ckpt = {"step": 3, "world_size": 2, "global_batch": 8, "config": saved.to_dict()}
+    _check_resume(ckpt, saved.replace(batch_size=4), 1, tmp_path)  # 4 × 2 × 1
+    _check_resume(ckpt, saved.replace(grad_accum=1), 4, tmp_path)  # 2 × 1 × 4
+    with pytest.raises(ValueError, match=r"global batch .*checkpoint 8 .*now 16 .*--grad-accum 1"):
+        _check_resume(ckpt, saved.replace(batch_size=4), 2, tmp_path)  # 4 × 2 × 2
+    old = {k: v for k, v in ckpt.items() if k != "global_batch"}  # written before the lane order
+    with pytest.raises(ValueError, match="before the lane order"):
+        _check_resume(old, saved, 2, tmp_path)
+    replay = saved.replace(replay_data="general.txt", replay_ratio=0.25)
+    with pytest.raises(ValueError, match="--replay-ratio with another process count"):
+        _check_resume({**ckpt, "config": replay.to_dict()}, replay.replace(batch_size=4), 1, tmp_path)
+    _check_resume({**ckpt, "config": replay.to_dict()}, replay, 2, tmp_path)
