@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,15 @@ def setup(config: StudentConfig) -> Training:
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
     # Every process checks sizes here (a stat per shard, nothing opened) and then checks each shard it reads when it
     # first reads it (footer; sha256 with verify=checksum): no process waits for a whole-run check.
-    reader = RunReader(config.run_dir, verify=config.verify, max_open_files=config.max_open_files, cache_row_groups=0)
+    # With verify=checksum each process hashes only its share of the shards (i % processes == rank): the job reads
+    # the run once between all processes for checksums, on a background thread during `fit`.
+    reader = RunReader(
+        config.run_dir,
+        verify=config.verify,
+        max_open_files=config.max_open_files,
+        cache_row_groups=0,
+        checksum_share=(acc.process_index, acc.num_processes),
+    )
     spec = reader.spec
     set_seed(config.seed)
     tokenizer, model = _load_student(config, spec)
@@ -489,10 +498,12 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
     # Decoded and collated on the loader's thread, prefetch_steps ahead of this loop. Left early (an exception), the
     # generator's close stops the thread; it is a daemon thread, so it never holds the process open.
     steps = t.loader.iter_steps(t.start, t.total)
+    checks = _ShareCheck(t.reader)  # this process's share of the sha256 checks, next to training
     for step in range(t.start, t.total):
         t0 = time.perf_counter()
         epoch = step // t.steps_per_epoch
         batches = next(steps)
+        checks.raise_failure()
         replay = (
             None
             if t.replay is None
@@ -514,8 +525,35 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == t.total):
             _save_checkpoint(acc, config.out, step + 1, config, world)
     steps.close()
+    checks.finish()  # the run's shards are all checked before its result is saved
     bar.close()
     return last, tokens_done
+
+
+class _ShareCheck:
+    """`RunReader.verify_owned` on a daemon thread; its error (a corrupt shard) is raised in the training loop."""
+
+    def __init__(self, reader: RunReader):
+        # its own reader state is not needed: verify_owned reads only paths and receipts
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(reader,), name="shard-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self, reader: RunReader) -> None:
+        try:
+            reader.verify_owned(self._stop)
+        except BaseException as e:  # surfaced by raise_failure / finish
+            self._failure.append(e)
+
+    def raise_failure(self) -> None:
+        if self._failure:
+            self._stop.set()
+            raise self._failure[0]
+
+    def finish(self) -> None:
+        self._thread.join()
+        self.raise_failure()
 
 
 def _update(t: Training, config: StudentConfig):

@@ -2,9 +2,11 @@
 
 Cost follows what is read, not the size of the run:
 - Opening a run reads the manifest and stats every shard (size against the manifest): no shard is opened.
-- A shard is checked when this process first reads it: footer, fingerprint and row count; with
-  verify="checksum" also the sha256 of the whole file (once per shard per process). So in a job of N
-  processes each one checks the shards it reads, while it reads them, and none waits for another.
+- A shard is checked when this process first reads it: footer, fingerprint and row count. With
+  verify="checksum" the sha256 of the whole file is checked once per run, not once per process: with
+  `checksum_share=(rank, world)` process `rank` hashes only shards i with i % world == rank, when it first
+  reads one or from `verify_owned()` (the trainer runs it on a background thread). So the N processes of a
+  job read the run once between them for checksums, in parallel, and none waits for another.
 - At most `max_open_files` shards are open at once (least recently used closed first), each with at most
   `cache_row_groups` decoded row groups: memory and file descriptors are bounded whatever the number of shards.
   Running out of descriptors anyway raises `OpenFilesLimitError`, which names the limit and `ulimit -n`.
@@ -26,17 +28,31 @@ VERIFY_CHOICES = ("checksum", "size", "none")
 
 
 class RunReader:
-    """All rows of a finalised run, in shard order. `verify`: "checksum" (default: sizes on open, then the sha256
-    of each shard when it is first read), "size" (sizes on open, footers when read), or "none" (footers when read).
+    """All rows of a finalised run, in shard order. `verify`: "checksum" (default: sizes on open, footers when
+    read, and the sha256 of each shard of this process's `checksum_share` when it is first read or by
+    `verify_owned`), "size" (sizes on open, footers when read), or "none" (footers when read).
     Not thread-safe: give each thread its own reader."""
 
-    def __init__(self, run_dir: Path, *, verify: str = "checksum", max_open_files: int = 32, cache_row_groups: int = 1):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        verify: str = "checksum",
+        max_open_files: int = 32,
+        cache_row_groups: int = 1,
+        checksum_share: tuple[int, int] = (0, 1),
+    ):
         if verify not in VERIFY_CHOICES:
             raise ValueError(f"verify={verify!r}: choose checksum, size or none")
         if max_open_files < 1:
             raise ValueError(f"max_open_files={max_open_files}: must be >= 1")
         self.run_dir = Path(run_dir)
         self.verify = verify
+        rank, world = checksum_share
+        if not 0 <= rank < world:
+            raise ValueError(f"checksum_share={checksum_share}: need 0 <= rank < world")
+        self._share = (rank, world)
+        self._hashed: set[int] = set()  # shards whose sha256 this process has checked (shared with verify_owned)
         self.max_open_files = max_open_files
         self.cache_row_groups = cache_row_groups
         self.manifest: Manifest = load_manifest(self.run_dir)
@@ -50,7 +66,6 @@ class RunReader:
         for s in self.manifest.shards:
             self._starts.append(self._starts[-1] + s.rows)
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
-        self._checked: set[int] = set()  # shards whose footer (and checksum) this process has checked
         self._last: tuple = (-1, -1, None)  # (shard, row group, rows) last decoded by __getitem__
         self.rows_decoded = 0  # rows of the row groups decoded so far (for the loader benchmark)
         self.shards_opened = 0
@@ -77,8 +92,9 @@ class RunReader:
             self._open.move_to_end(i)
             return self._open[i]
         receipt = self.manifest.shards[i]
-        if i not in self._checked and self.verify == "checksum":
+        if self.verify == "checksum" and self._owns(i) and i not in self._hashed:
             check_checksum(self.paths[i], receipt)  # before decoding anything from it
+            self._hashed.add(i)
         while len(self._open) >= self.max_open_files:
             self._open.popitem(last=False)[1].close()
         r = ShardReader(self.paths[i], expect_fingerprint=self._fingerprint, cache_row_groups=self.cache_row_groups)
@@ -87,10 +103,34 @@ class RunReader:
             raise ShardCorruptError(
                 f"{self.paths[i]}: {r.num_rows} rows, manifest says {receipt.rows}. {redo_hint(self.paths[i])}"
             )
-        self._checked.add(i)
         self.shards_opened += 1
         self._open[i] = r
         return r
+
+    def _owns(self, i: int) -> bool:
+        rank, world = self._share
+        return i % world == rank
+
+    def owned_shards(self) -> list[int]:
+        """The shards whose sha256 this process checks (all of them with the default share (0, 1))."""
+        return [i for i in range(len(self.paths)) if self._owns(i)]
+
+    def verify_owned(self, stop=None) -> int:
+        """Check the sha256 of every shard this process owns and has not checked yet; returns how many it
+        hashed. Safe to run on its own thread next to the reading thread (it touches only paths, receipts
+        and the set of hashed shards; a shard hashed twice by a race is merely hashed twice). `stop`: an
+        optional threading.Event that ends it early."""
+        if self.verify != "checksum":
+            return 0
+        n = 0
+        for i in self.owned_shards():
+            if stop is not None and stop.is_set():
+                break
+            if i not in self._hashed:
+                check_checksum(self.paths[i], self.manifest.shards[i])
+                self._hashed.add(i)
+                n += 1
+        return n
 
     def read_row_group(self, i: int, g: int) -> list[SequenceLabels]:
         rows = self.shard(i).read_row_group(g)
