@@ -34,9 +34,9 @@
    here includes the logits). Also at the SmolLM2 step's own shape (its trained positions). 5 interleaved rounds.
    A torch.profiler table (per-op minimum over 3 calls) of the fused loss vs F.cross_entropy, 2048 x 49,152 fp32.
 3. Loader: trained tokens/s of reading + collating micro-batches from the run (`RunReader`, opened
-   fresh each epoch with verify="none", rows in the training order of `epoch_order`/`micro_batch_rows`,
-   `collate_labels`), interleaved with the step rounds, vs the trained tokens/s the lambda=1 step
-   consumes. The loader runs synchronously in the training loop, so its time adds to every step.
+   fresh each epoch with verify="none", rows in the training order of `stage2_student.loader.RankBatches`,
+   collated), interleaved with the step rounds, vs the trained tokens/s the lambda=1 step consumes. Timed
+   synchronously here; in training it runs on the loader's thread (bench/loader_bench.py measures that).
 
 Prints tables; writes bench/out/student_bench.json.
 """
@@ -150,8 +150,8 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     from lm.loading import load_causal_lm, load_tokenizer
     from stage2_student.batch import collate_labels
     from stage2_student.config import StudentConfig
-    from stage2_student.data import epoch_order, micro_batch_rows, steps_per_epoch
     from stage2_student.lm_head_bypass import fused_head_for
+    from stage2_student.loader import RankBatches
     from stage2_student.model_io import check_student
     from stage2_student.train import accumulate_gradients
     from storage import RunReader
@@ -187,12 +187,11 @@ def bench_steps(label: str, model_dir: Path, run_dir: Path, *, batch_size: int, 
     loader_tokens = [0]
 
     def loader_epoch():
-        r = RunReader(run_dir, verify="none")  # fresh: every row group decoded again, as in a long run
-        order = epoch_order(r, seed=0, epoch=0)
+        r = RunReader(run_dir, verify="none", cache_row_groups=0)  # fresh: every row group decoded again
+        lb = RankBatches(r, seed=0, shuffle=True, batch_size=batch_size, grad_accum=1, rank=0, world_size=1, pad_id=pad)
         n = 0
-        for s in range(steps_per_epoch(len(r), batch_size)):
-            rows = micro_batch_rows(order, s, 0, batch_size=batch_size, grad_accum=1, rank=0, world_size=1)
-            b = collate_labels([r[int(i)] for i in rows], pad_id=pad)
+        for s in range(lb.steps_per_epoch):  # synchronously: the cost of reading, whatever thread pays it
+            (b,) = lb.step_batches(s)
             n += int(b["label_mask"].sum())
         loader_tokens[0] = n
 

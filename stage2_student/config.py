@@ -106,9 +106,32 @@ class StudentConfig:
     )
     chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the fused CE+KL (bounds memory)."})
     shuffle: bool = field(
-        default=True, metadata={"help": "Shuffle rows each epoch (row-group blocks, then rows in a window)."}
+        default=True,
+        metadata={
+            "help": "Shuffle each epoch: blocks of --shuffle-block rows in a random order, rows shuffled inside each "
+            "block (stage2_student/data.py). Off: rows in stored order. Every row is trained once per epoch either way."
+        },
     )
-    verify: str = field(default="checksum", metadata={"help": "Shard check before training: checksum | size | none."})
+    shuffle_block: int = field(
+        default=256,
+        metadata={
+            "help": "Rows per shuffled block (default: the shard writer's row-group size). Each of a process's "
+            "batch_size × grad_accum lanes holds one decoded block: memory grows with it."
+        },
+    )
+    prefetch_steps: int = field(
+        default=2, metadata={"help": "Steps the loader thread decodes and collates ahead of the training loop."}
+    )
+    max_open_files: int = field(
+        default=32, metadata={"help": "Shards each process keeps open at once (least recently used closed first)."}
+    )
+    verify: str = field(
+        default="checksum",
+        metadata={
+            "help": "Shard checks: checksum (sizes at start; each process checks the sha256 of a shard when it "
+            "first reads it) | size (sizes at start, footers when read) | none."
+        },
+    )
     save_model: bool = field(
         default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."}
     )
@@ -134,7 +157,16 @@ class StudentConfig:
             p.append(f"max_steps={self.max_steps}: must be >= 1")
         if not finite(self.epochs) or self.epochs <= 0:
             p.append(f"epochs={self.epochs}: must be > 0")
-        for name in ("batch_size", "grad_accum", "log_every", "chunk_size", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "chunk_size",
+            "keep_checkpoints",
+            "shuffle_block",
+            "prefetch_steps",
+            "max_open_files",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)}: must be >= 1")
         if not finite(self.lr) or self.lr <= 0:

@@ -18,12 +18,12 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -36,10 +36,11 @@ from storage.run_reader import RunReader
 from storage.spec import RunSpec
 
 from . import checkpoint as ckpt
-from .batch import collate_labels, pad_inputs, with_kl_target_weights
+from .batch import collate_labels, pad_inputs
 from .config import StudentConfig
-from .data import epoch_order, micro_batch_rows, steps_per_epoch
+from .data import steps_per_epoch
 from .lm_head_bypass import FusedHead, fused_head_for
+from .loader import RankBatches
 from .losses import (
     ce_sum,
     exact_kl_sum,
@@ -54,8 +55,9 @@ from .regularizers import AnchorPenalty, ReplayStream, estimate_fisher
 
 log = logging.getLogger(__name__)
 
-# Settings that must not change across a resume (the data order and the optimisation depend on them).
-# Settings that must not change across a resume (the data order and the optimisation depend on them).
+# Settings that must not change across a resume (the data order and the optimisation depend on them). The batch
+# geometry is checked as one number, the global batch G = batch_size · grad_accum · world_size (the data order
+# depends on G only, `data.EpochOrder`), so a run can resume on another number of processes at the same G.
 _RESUME_KEYS = (
     "run_dir",
     "teacher_online",
@@ -65,8 +67,6 @@ _RESUME_KEYS = (
     "replay_data",
     "replay_ratio",
     "kl_weight",
-    "batch_size",
-    "grad_accum",
     "lr",
     "seed",
     "kl_tail",
@@ -75,6 +75,7 @@ _RESUME_KEYS = (
     "loss_form",
     "lora_r",
     "shuffle",
+    "shuffle_block",
     "lr_schedule",
     "warmup_steps",
     "min_lr_ratio",
@@ -203,32 +204,11 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def step_batches(
-    reader: RunReader,
-    order: np.ndarray,
-    step_in_epoch: int,
-    config: StudentConfig,
-    *,
-    rank: int,
-    world: int,
-    pad_id: int,
-) -> list[dict]:
-    """This process's `grad_accum` micro-batches of one optimizer step: its rows of the epoch `order`, collated,
-    with the run's capture mode turned into the KL target (`batch.with_kl_target_weights`)."""
-    batches = []
-    for j in range(config.grad_accum):
-        rows = micro_batch_rows(
-            order,
-            step_in_epoch,
-            j,
-            batch_size=config.batch_size,
-            grad_accum=config.grad_accum,
-            rank=rank,
-            world_size=world,
-        )
-        batch = collate_labels([reader[int(i)] for i in rows], pad_id=pad_id)
-        batches.append(with_kl_target_weights(batch, reader.spec.capture))
-    return batches
+def step_batches(loader: RankBatches, step: int) -> list[dict]:
+    """This process's `grad_accum` micro-batches of one optimizer step, collated, with the run's capture mode turned
+    into the KL target (`batch.with_kl_target_weights`), read on the calling thread. `fit` gets the same batches
+    from `loader.iter_steps`, which reads them on a background thread ahead of the loop."""
+    return loader.step_batches(step)
 
 
 def replay_batches(
@@ -250,6 +230,7 @@ class Training:
 
     acc: Accelerator
     reader: RunReader
+    loader: RankBatches  # this process's micro-batches (reads `reader` on its own thread during `fit`)
     tokenizer: Any
     model: torch.nn.Module  # as returned by accelerate.prepare
     opt: torch.optim.Optimizer
@@ -272,9 +253,16 @@ def setup(config: StudentConfig) -> Training:
     use_cuda = torch.cuda.is_available()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and use_cuda)
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
-    # Checksums once, on the main process; the others check sizes and footers.
+    # Every process checks sizes here (a stat per shard, nothing opened) and then checks each shard it reads when it
+    # first reads it (footer; sha256 with verify=checksum): no process waits for a whole-run check.
+    # With verify=checksum each process hashes only its share of the shards (i % processes == rank): the job reads
+    # the run once between all processes for checksums, on a background thread during `fit`.
     reader = RunReader(
-        config.run_dir, verify=config.verify if acc.is_main_process else ("size" if config.verify != "none" else "none")
+        config.run_dir,
+        verify=config.verify,
+        max_open_files=config.max_open_files,
+        cache_row_groups=0,
+        checksum_share=(acc.process_index, acc.num_processes),
     )
     spec = reader.spec
     set_seed(config.seed)
@@ -304,9 +292,22 @@ def setup(config: StudentConfig) -> Training:
     acc.register_for_checkpointing(sched)
     start = _resume(acc, config)
     _prepare_outputs(acc, config, total, spec.fingerprint, start)
+    loader = RankBatches(
+        reader,
+        seed=config.seed,
+        shuffle=config.shuffle,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        pad_id=pad_id,
+        block_rows=config.shuffle_block,
+        prefetch_steps=config.prefetch_steps,
+    )
     return Training(
         acc=acc,
         reader=reader,
+        loader=loader,
         tokenizer=tokenizer,
         model=model,
         opt=opt,
@@ -349,13 +350,9 @@ def _load_replay(config: StudentConfig, tokenizer, seq_len: int) -> tuple[Replay
 def _length(config: StudentConfig, num_rows: int, world: int) -> tuple[int, int]:
     """(optimizer steps per epoch, optimizer steps of the run)."""
     G = config.batch_size * config.grad_accum * world
-    spe = steps_per_epoch(num_rows, G)
+    spe = steps_per_epoch(num_rows, G)  # ceil: the leftover rows make a short last step
     if spe == 0:
-        raise ValueError(
-            f"{config.run_dir} holds {num_rows} sequences, fewer than one global batch of {G} "
-            f"(batch_size {config.batch_size} × grad_accum {config.grad_accum} × {world} processes); "
-            f"lower --batch-size or --grad-accum"
-        )
+        raise ValueError(f"{config.run_dir} holds no sequences")
     return spe, config.max_steps or max(1, math.ceil(config.epochs * spe))
 
 
@@ -381,6 +378,12 @@ def _resume(acc, config: StudentConfig) -> int:
         return 0
     state = ckpt.read_state(last)
     _check_resume(state, config, acc.num_processes, last)
+    if state.get("world_size") != acc.num_processes:
+        log.info(
+            "resuming a %s-process checkpoint on %d processes (same global batch: same data order)",
+            state.get("world_size"),
+            acc.num_processes,
+        )
     acc.load_state(str(last))
     log.info("resumed from %s (step %d)", last, state["step"])
     return state["step"]
@@ -410,14 +413,43 @@ def _check_resume(state: dict, config: StudentConfig, world: int, ckpt_dir: Path
         for k, v in config.to_dict().items()
         if k in _RESUME_KEYS and saved.get(k) != v
     ]
-    if state.get("world_size") != world:
-        diffs.append(f"world_size: checkpoint {state.get('world_size')} vs now {world}")
+    # The data order depends on G = batch_size · grad_accum · world_size only, not on the three separately.
+    saved_world = state.get("world_size")
+    saved_g = state.get("global_batch")
+    g = config.batch_size * config.grad_accum * world
+    if saved_g is None:
+        diffs.append(
+            "data order: the checkpoint was written before the lane order (stage2_student/data.py; its state has no "
+            "global_batch), so the rest of its epoch cannot be reproduced; start a new --out, or resume with the "
+            "label-anneal version that wrote it"
+        )
+    elif saved_g != g:
+        diffs.append(
+            f"global batch (batch_size × grad_accum × processes): checkpoint {saved_g} "
+            f"({saved.get('batch_size')} × {saved.get('grad_accum')} × {saved_world}) vs now {g} "
+            f"({config.batch_size} × {config.grad_accum} × {world}); keep the product equal, e.g. "
+            f"--grad-accum {_matching_accum(saved_g, config.batch_size, world)}"
+        )
+    elif config.replay_ratio > 0 and (saved_world, saved.get("batch_size")) != (world, config.batch_size):
+        # The replay stream is laid out per micro-batch slot of batch_size sequences, not per lane.
+        diffs.append(
+            f"--replay-ratio with another process count or batch size: checkpoint {saved_world} processes × "
+            f"batch {saved.get('batch_size')} vs now {world} × {config.batch_size}; resume replay runs on the same "
+            f"number of processes and batch size"
+        )
     if diffs:
         raise ValueError(
             f"cannot resume from {ckpt_dir}: settings differ:\n  "
             + "\n  ".join(diffs)
             + "\nResume with the same settings, or start a new --out directory."
         )
+
+
+def _matching_accum(global_batch, batch_size: int, world: int) -> str:
+    """The --grad-accum that gives `global_batch` with this batch size and process count, or advice if none does."""
+    if isinstance(global_batch, int) and global_batch % (batch_size * world) == 0:
+        return str(global_batch // (batch_size * world))
+    return f"N with batch_size × N × {world} = {global_batch}"
 
 
 def _build_anchors(config: StudentConfig, model, params, reader: RunReader, pad_id: int) -> list[AnchorPenalty]:
@@ -458,18 +490,20 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
     world, rank = acc.num_processes, acc.process_index
     metrics_path = config.out / "metrics.jsonl"
     t.model.train()
-    order_cache: dict[int, np.ndarray] = {}
     tokens_done = 0
     last = {}
     bar = tqdm(
         total=t.total, initial=t.start, desc="student", unit="step", disable=not acc.is_main_process, dynamic_ncols=True
     )
+    # Decoded and collated on the loader's thread, prefetch_steps ahead of this loop. Left early (an exception), the
+    # generator's close stops the thread; it is a daemon thread, so it never holds the process open.
+    steps = t.loader.iter_steps(t.start, t.total)
+    checks = _ShareCheck(t.reader)  # this process's share of the sha256 checks, next to training
     for step in range(t.start, t.total):
         t0 = time.perf_counter()
-        epoch, s = divmod(step, t.steps_per_epoch)
-        if epoch not in order_cache:
-            order_cache = {epoch: epoch_order(t.reader, seed=config.seed, epoch=epoch, shuffle=config.shuffle)}
-        batches = step_batches(t.reader, order_cache[epoch], s, config, rank=rank, world=world, pad_id=t.pad_id)
+        epoch = step // t.steps_per_epoch
+        batches = next(steps)
+        checks.raise_failure()
         replay = (
             None
             if t.replay is None
@@ -490,8 +524,36 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         bar.update(1)
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == t.total):
             _save_checkpoint(acc, config.out, step + 1, config, world)
+    steps.close()
+    checks.finish()  # the run's shards are all checked before its result is saved
     bar.close()
     return last, tokens_done
+
+
+class _ShareCheck:
+    """`RunReader.verify_owned` on a daemon thread; its error (a corrupt shard) is raised in the training loop."""
+
+    def __init__(self, reader: RunReader):
+        # its own reader state is not needed: verify_owned reads only paths and receipts
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(reader,), name="shard-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self, reader: RunReader) -> None:
+        try:
+            reader.verify_owned(self._stop)
+        except BaseException as e:  # surfaced by raise_failure / finish
+            self._failure.append(e)
+
+    def raise_failure(self) -> None:
+        if self._failure:
+            self._stop.set()
+            raise self._failure[0]
+
+    def finish(self) -> None:
+        self._thread.join()
+        self.raise_failure()
 
 
 def _update(t: Training, config: StudentConfig):
@@ -599,7 +661,13 @@ def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: in
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        ckpt.commit(tmp, {"step": step, "world_size": world, "config": config.to_dict()}, config.keep_checkpoints)
+        state = {
+            "step": step,
+            "world_size": world,
+            "global_batch": config.batch_size * config.grad_accum * world,
+            "config": config.to_dict(),
+        }
+        ckpt.commit(tmp, state, config.keep_checkpoints)
     acc.wait_for_everyone()
 
 

@@ -10,6 +10,7 @@ from .errors import (
     FormatVersionError,
     IncompleteRunError,
     ManifestError,
+    OpenFilesLimitError,
     ShardCorruptError,
     StorageError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "FormatVersionError",
     "IncompleteRunError",
     "ManifestError",
+    "OpenFilesLimitError",
     "FORMAT_VERSION",
     "shard_name",
     "shard_path",

@@ -35,3 +35,8 @@ class RunWriteError(StorageError):
             f"{path}: could not be written ({error.strerror or error}); nothing partial was kept under its "
             f"final name. Free space on that filesystem (or fix the cause), then {then}"
         )
+
+
+class OpenFilesLimitError(StorageError):
+    """The process ran out of file descriptors (EMFILE / ENFILE) while opening a shard. The shard is fine;
+    the limit is too low for the files this process holds open."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import ForeignShardError, IncompleteRunError, ShardCorruptError
 from .layout import FORMAT_VERSION, receipt_path
-from .shard_reader import ShardReader, redo_hint
+from .shard_reader import ShardReader, is_out_of_files, out_of_files_error, redo_hint
 from .spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,13 @@ class ShardReceipt:
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        if is_out_of_files(e):
+            raise out_of_files_error(Path(path), e) from e
+        raise
+    with f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -86,24 +92,38 @@ def receipt_for(shard: Path, spec: RunSpec) -> ShardReceipt:
     )
 
 
-def verify_shard(path: Path, receipt: ShardReceipt, spec: RunSpec, *, checksum: bool) -> None:
-    """Raise a specific StorageError if the shard on disk is not the one the manifest lists."""
+def check_size(path: Path, receipt: ShardReceipt) -> None:
+    """The cheap check (one stat, no open file): the shard is there with the size the manifest lists."""
     path = Path(path)
-    if not path.exists():
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
         raise_missing(path, receipt.index)
-    size = os.path.getsize(path)
     if size != receipt.bytes:
         raise ShardCorruptError(
             f"{path}: {size} bytes on disk, the manifest says {receipt.bytes}: truncated or replaced. {redo_hint(path)}"
         )
-    ShardReader(path, expect_fingerprint=spec.fingerprint)  # footer and metadata
+
+
+def check_checksum(path: Path, receipt: ShardReceipt) -> None:
+    """Reads the whole file: its sha256 must be the manifest's."""
+    digest = sha256_file(path)
+    if digest != receipt.sha256:
+        raise ShardCorruptError(
+            f"{path}: checksum mismatch (sha256 {digest[:12]}…, manifest "
+            f"{receipt.sha256[:12]}…): the file is corrupt. {redo_hint(path)}"
+        )
+
+
+def verify_shard(path: Path, receipt: ShardReceipt, spec: RunSpec, *, checksum: bool) -> None:
+    """Raise a specific StorageError if the shard on disk is not the one the manifest lists: size, footer and
+    metadata, and (with `checksum`) the sha256 of the whole file. Readers of a whole run do these checks lazily,
+    shard by shard as they first read one (`RunReader`); this is the eager form for a single shard."""
+    path = Path(path)
+    check_size(path, receipt)
+    ShardReader(path, expect_fingerprint=spec.fingerprint, cache_row_groups=0).close()  # footer and metadata
     if checksum:
-        digest = sha256_file(path)
-        if digest != receipt.sha256:
-            raise ShardCorruptError(
-                f"{path}: checksum mismatch (sha256 {digest[:12]}…, manifest "
-                f"{receipt.sha256[:12]}…): the file is corrupt. {redo_hint(path)}"
-            )
+        check_checksum(path, receipt)
 
 
 def raise_missing(path: Path, index: int):
@@ -113,4 +133,12 @@ def raise_missing(path: Path, index: int):
     )
 
 
-__all__ = ["ShardReceipt", "sha256_file", "receipt_for", "verify_shard", "raise_missing"]
+__all__ = [
+    "ShardReceipt",
+    "sha256_file",
+    "receipt_for",
+    "verify_shard",
+    "check_size",
+    "check_checksum",
+    "raise_missing",
+]

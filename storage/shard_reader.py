@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import Encoding, decode_positions
-from .errors import ForeignShardError, FormatVersionError, ShardCorruptError
+from .errors import ForeignShardError, FormatVersionError, OpenFilesLimitError, ShardCorruptError
 from .layout import FORMAT_VERSION, META_PREFIX
 
 
@@ -41,6 +43,24 @@ def redo_hint(path: Path) -> str:
     )
 
 
+def is_out_of_files(e: BaseException) -> bool:
+    """EMFILE / ENFILE, as an OSError from Python or as pyarrow's IOError text ("[Errno 24] Too many open files")."""
+    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+        return True
+    text = str(e)
+    return f"[Errno {errno.EMFILE}]" in text or f"[Errno {errno.ENFILE}]" in text or "Too many open files" in text
+
+
+def out_of_files_error(path: Path, e: BaseException) -> OpenFilesLimitError:
+    """The error for a shard that could not be opened because no file descriptor was left: never "corrupt"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return OpenFilesLimitError(
+        f"{path}: could not be opened: this process has no file descriptor left (open-files limit "
+        f"`ulimit -n` = {soft}, hard limit {hard}; {e}). The shard itself is not the problem. Raise the limit "
+        f"before starting (e.g. `ulimit -n 65536`), or lower --max-open-files / the number of processes per node"
+    )
+
+
 def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = arr.offsets.to_numpy()
@@ -49,16 +69,19 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ShardReader:
-    """One shard file. Checks the Parquet footer and the key-value metadata on open."""
+    """One shard file. Checks the Parquet footer and the key-value metadata on open. Holds one open file until
+    `close()`; keeps up to `cache_row_groups` decoded row groups (0: none, the caller keeps what it needs)."""
 
     def __init__(self, path: Path, *, expect_fingerprint: str | None = None, cache_row_groups: int = 4):
         self.path = Path(path)
-        self.cache_row_groups = max(1, cache_row_groups)
+        self.cache_row_groups = max(0, cache_row_groups)
         try:
             self._pf = pq.ParquetFile(self.path)
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as e:
+            if is_out_of_files(e):
+                raise out_of_files_error(self.path, e) from e
             raise ShardCorruptError(
                 f"{self.path}: not a readable Parquet file ({e}); it is truncated or corrupt. {redo_hint(self.path)}"
             ) from e
@@ -129,15 +152,23 @@ class ShardReader:
             self._cache.move_to_end(i)
             return self._cache[i]
         try:
-            rows = self._decode(self._pf.read_row_group(i))
+            rows = self._decode(self._pf.read_row_group(i, use_threads=False))
         except (pa.ArrowInvalid, OSError, ValueError) as e:
+            if is_out_of_files(e):
+                raise out_of_files_error(self.path, e) from e
             raise ShardCorruptError(
                 f"{self.path}: row group {i} cannot be decoded ({e}). {redo_hint(self.path)}"
             ) from e
-        self._cache[i] = rows
-        if len(self._cache) > self.cache_row_groups:
-            self._cache.popitem(last=False)
+        if self.cache_row_groups:
+            self._cache[i] = rows
+            if len(self._cache) > self.cache_row_groups:
+                self._cache.popitem(last=False)
         return rows
+
+    def close(self) -> None:
+        """Release the open file and the decoded row groups."""
+        self._cache.clear()
+        self._pf.close()
 
     def row_group_bounds(self) -> list[tuple[int, int]]:
         """[start, stop) row ranges of the row groups: the unit of efficient reading."""
@@ -155,4 +186,4 @@ class ShardReader:
             yield from self.read_row_group(g)
 
 
-__all__ = ["SequenceLabels", "ShardReader", "redo_hint"]
+__all__ = ["SequenceLabels", "ShardReader", "redo_hint", "is_out_of_files", "out_of_files_error"]

@@ -222,6 +222,43 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_ru
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_killed_then_resumed_on_one_equals_uninterrupted(tmp_path, tiny_run):
+    """The data order depends on the global batch G only (stage2_student/data.py): a 2-process run (batch 4) killed
+    after a checkpoint continues on 1 process (batch 8, same G) with the same batches and weights. It crosses the
+    end of an epoch: 75 rows, G = 8, so step 10 has 3 rows, all on rank 0, and rank 1 runs a padding row."""
+    args = ["--run-dir", tiny_run, "--kl-weight", 1, "--max-steps", 12, "--lr", 1e-3, "--verify", "size"]
+    args += ["--lr-schedule", "constant", "--save-every", 1]
+    n_rows = len(RunReader(tiny_run, verify="none"))
+    assert n_rows == 75, "the test's arithmetic below assumes the tiny run's 75 rows"
+    cli("student", *args, "--batch-size", 8, "--out", tmp_path / "ref")
+    out = tmp_path / "killed"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        FAILPOINTS_ENV: "checkpoint.renamed{step=10}=kill",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(REPO / "pipeline.py"), "student", *map(str, args), "--batch-size", "4", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, "the failpoint killed rank 0 after checkpoint 10"
+    assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, 10), p.stderr[-3000:]
+    r = cli("student", *args, "--batch-size", 3, "--out", out, "--resume", expect_ok=False)
+    assert r.exit_code != 0 and "global batch" in r.output and "--grad-accum" in r.output
+    cli("student", *args, "--batch-size", 8, "--out", out, "--resume")
+    ref, got = _weights(tmp_path / "ref"), _weights(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    m_ref = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    m_got = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m_got] == list(range(1, 13))
+    assert m_ref[9]["trained_tokens"] < m_ref[8]["trained_tokens"], "step 10 holds the epoch's 3 leftover rows"
+    assert [m["trained_tokens"] for m in m_got] == [m["trained_tokens"] for m in m_ref]
+    np.testing.assert_allclose([m["ce"] for m in m_got], [m["ce"] for m in m_ref], rtol=1e-4)
+
+
 def test_student_with_other_tokenizer_is_refused(tmp_path, tiny_run):
     from tiny_models import build_tiny_model
 

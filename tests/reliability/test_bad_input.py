@@ -399,3 +399,28 @@ def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(
     r = cli("teacher", *args, "--out", out, expect_ok=False)
     assert r.exit_code != 0 and f"sample_id {target}" in r.output and "NaN" in r.output, r.output
     assert final_shards(out) == [] and all_tmps(out) == []
+
+
+def test_student_on_a_corrupt_shard_stops_with_the_shard_named(tmp_path, tiny_run, tiny_model_dir):
+    # The shard's sha256 is checked by this process's background check (its share: every shard, one process),
+    # even for a run too short to read that shard's rows: the error names it and there is no traceback.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    p = run / "shards" / "part-00001-of-00002.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    p.write_bytes(bytes(data))
+    r = cli(
+        "student",
+        "--run-dir",
+        run,
+        "--out",
+        tmp_path / "s",
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        1,
+        expect_ok=False,
+    )
+    assert r.exit_code != 0 and "part-00001-of-00002.parquet: checksum mismatch" in r.output
+    assert "Traceback" not in r.output

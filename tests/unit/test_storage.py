@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import storage.run_reader as rr
 from storage import (
     Encoding,
     ForeignShardError,
@@ -212,8 +213,37 @@ def test_flipped_bytes_fail_checksum(tmp_path):
     data = bytearray(p.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same size, different content
     p.write_bytes(bytes(data))
+    reader = RunReader(tmp_path, verify="checksum")  # sizes only: shards are checked when first read
+    reader[0]  # shard 0 is intact
     with pytest.raises(ShardCorruptError, match="checksum mismatch"):
-        RunReader(tmp_path, verify="checksum")
+        reader[len(reader) - 1]  # the last row lives in shard 1
+    with pytest.raises(ShardCorruptError, match="checksum mismatch"):
+        list(RunReader(tmp_path, verify="checksum"))
+
+
+def test_checksums_are_shared_between_processes(tmp_path, monkeypatch):
+    # N processes hash each shard once between them (i % N == rank), not each shard N times.
+    write_synthetic_run(tmp_path, synthetic_spec(num_shards=4, num_sequences=40))
+    hashed = []
+    real = rr.check_checksum
+    monkeypatch.setattr(rr, "check_checksum", lambda path, receipt: (hashed.append(path.name), real(path, receipt)))
+    readers = [RunReader(tmp_path, verify="checksum", checksum_share=(r, 2)) for r in range(2)]
+    assert [r.owned_shards() for r in readers] == [[0, 2], [1, 3]]
+    list(readers[0])  # rank 0 reads every row: hashes only its own shards
+    assert sorted(hashed) == ["part-00000-of-00004.parquet", "part-00002-of-00004.parquet"]
+    assert readers[0].verify_owned() == 0  # nothing left of its share
+    assert readers[1].verify_owned() == 2 and readers[1].verify_owned() == 0
+    assert sorted(hashed) == sorted(shard_path(tmp_path, i, 4).name for i in range(4))
+    # a corrupt shard is found by its owner's background check, whoever reads it
+    p = shard_path(tmp_path, 3, 4)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    p.write_bytes(bytes(data))
+    assert RunReader(tmp_path, verify="checksum", checksum_share=(0, 2)).verify_owned() == 2
+    with pytest.raises(ShardCorruptError, match="part-00003-of-00004.*checksum mismatch"):
+        RunReader(tmp_path, verify="checksum", checksum_share=(1, 2)).verify_owned()
+    with pytest.raises(ValueError, match="checksum_share"):
+        RunReader(tmp_path, checksum_share=(2, 2))
 
 
 def test_shard_from_another_run_detected(tmp_path):
@@ -228,7 +258,7 @@ def test_shard_from_another_run_detected(tmp_path):
         build_manifest(a)
     # Even when a matching receipt is forged, opening the shard checks its embedded fingerprint.
     with pytest.raises(ForeignShardError):
-        RunReader(a)
+        list(RunReader(a, verify="size"))
 
 
 def test_shard_of_other_split_detected(tmp_path):
