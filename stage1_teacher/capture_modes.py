@@ -95,9 +95,8 @@ def score_batch(engine: Engine, capture: dict, k: int, batch) -> list[TopK]:
     if not mode_of(capture).sampled:
         return engine.score(ids, k)
     uniforms = [draw_uniforms(capture["seed"], s.sample_id, len(s.input_ids) - 1, capture["draws"]) for s in batch]
-    head = capture["head_k"]
-    # sample mode needs no head (head_k 0): the engine's top-1 is simply ignored
-    return engine.score(ids, max(head, 1), uniforms=uniforms, tail_only=head > 0)
+    head = capture["head_k"]  # 0 in sample mode: no head, draws from the whole distribution
+    return engine.score(ids, head, uniforms=uniforms, tail_only=head > 0)
 
 
 def _store_topk(capture: dict, top: TopK, m: np.ndarray):

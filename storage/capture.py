@@ -52,6 +52,11 @@ class CaptureMode:
         return f"{self.name}: {self.summary(capture)}"
 
 
+# How the sampled modes turn uniforms into ids, recorded in run.json (capture.draws_algorithm): a run drawn
+# by another algorithm has other ids for the same uniforms, so it is never resumed into (the spec differs).
+# Runs without the key were drawn by the full-vocabulary fp64 cumsum of label-anneal <= 2026-12-01.
+DRAWS_ALGORITHM = "blocked-inverse-cdf-1"
+
 _MODES = (
     CaptureMode(
         "topk",
@@ -82,7 +87,12 @@ _MODES = (
         sampled=True,
         target="draw_counts",
         width=lambda top_k, draws: draws,
-        fields=lambda *, draws, seed, **s: {"draws": draws, "seed": seed, "head_k": 0},
+        fields=lambda *, draws, seed, **s: {
+            "draws": draws,
+            "seed": seed,
+            "head_k": 0,
+            "draws_algorithm": DRAWS_ALGORITHM,
+        },
         summary=lambda c: f"{c.get('draws')} draws per position from the full distribution (seed {c.get('seed')})",
         mass_note="the distinct drawn tokens",
         tag=lambda c: f"sample ({c.get('draws')} draws)",
@@ -94,7 +104,12 @@ _MODES = (
         sampled=True,
         target="head_and_draws",
         width=lambda top_k, draws: top_k + draws,
-        fields=lambda *, top_k, draws, seed, **s: {"draws": draws, "seed": seed, "head_k": top_k},
+        fields=lambda *, top_k, draws, seed, **s: {
+            "draws": draws,
+            "seed": seed,
+            "head_k": top_k,
+            "draws_algorithm": DRAWS_ALGORITHM,
+        },
         summary=lambda c: f"exact top {c.get('head_k')} + {c.get('draws')} tail draws (seed {c.get('seed')})",
     ),
 )

@@ -52,18 +52,91 @@ def _topk_and_tail(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return vals, idx, tail
 
 
-def _inverse_cdf_draws(lp: torch.Tensor, full_lp: torch.Tensor, u: torch.Tensor):
-    """One draw per uniform from the (possibly restricted, unnormalised) distribution exp(lp) (C, V):
-    the first token whose cumulative mass reaches u · total. Returns ids (C, N) (-1 where the
-    distribution is empty) and their log-probs under the full distribution `full_lp`."""
-    cdf = torch.cumsum(torch.exp(lp.double()), dim=-1)  # (C, V) fp64: exact enough for 1e5+ tokens
-    total = cdf[:, -1:]
-    ids = torch.searchsorted(cdf, u * total).clamp_(max=lp.shape[-1] - 1)  # (C, N)
-    ids = torch.where(total > 0, ids, torch.full_like(ids, -1))
-    logps = torch.where(
-        ids >= 0, full_lp.gather(-1, ids.clamp(min=0)), torch.full_like(u, float("-inf"), dtype=torch.float32)
-    )
-    return ids.to(torch.int32), logps.float()
+# Draws read the vocabulary in blocks of _DRAW_BLOCK ids: one pass sums each block (fp32), a draw picks its
+# block from the (C, V / _DRAW_BLOCK) fp64 cumulative block sums, then its id from that block's fp64 cumsum.
+# So the only vocabulary-sized work after the softmax is one summing pass in fp32: no (C, V) fp64 cumsum
+# (twice the memory of the logits). 128 keeps the per-draw gather (C, N, 128) small at 256k vocabularies.
+_DRAW_BLOCK = 128
+
+
+# A chunk's vocabulary-sized fp32 buffers stay under this many bytes each: 1024 positions up to 64k ids,
+# 512 at 128k, 256 at 256k (Gemma's 262k), so a large vocabulary does not multiply the peak memory.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_positions(vocab_size: int) -> int:
+    return max(1, min(1024, _CHUNK_BYTES // (4 * vocab_size)))
+
+
+def _block_sums(p: torch.Tensor, block: int) -> torch.Tensor:
+    """(C, V) -> (C, ceil(V / block)) fp32 sums of consecutive blocks, without copying p."""
+    C, V = p.shape
+    full = V // block
+    parts = []
+    if full:
+        parts.append(p[:, : full * block].reshape(C, full, block).sum(-1))  # a view: rows are contiguous
+    if V % block:
+        parts.append(p[:, full * block :].sum(-1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def inverse_cdf_draws(p: torch.Tensor, u: torch.Tensor, block: int = _DRAW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per uniform u (C, N) in (0, 1] from the unnormalised distribution p (C, V) >= 0: the first id
+    whose cumulative mass reaches u · total, found block by block (see _DRAW_BLOCK). Returns ids (C, N)
+    int64 (-1 where the row is all zero) and the row totals (C,) fp64.
+
+    A draw picks block j with probability S_j / Σ S (S: fp32 block sums) and then id i in the block with
+    probability p_i / Σ_block p (fp64 cumsum of the block): the inverse CDF of p up to the fp32 rounding of
+    the block sums (~1e-7 relative), far below anything a stored label can show."""
+    C, V = p.shape
+    sums = _block_sums(p, block).double()  # (C, nb)
+    cdf = torch.cumsum(sums, dim=-1)
+    total = cdf[:, -1]  # (C,)
+    target = u.double() * total[:, None]  # (C, N)
+    j = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[1] - 1)  # (C, N): the block of each draw
+    s_j = sums.gather(1, j)
+    frac = ((target - (cdf.gather(1, j) - s_j)) / s_j).clamp_(0.0, 1.0)  # share of block j's mass to reach
+    start = j * block
+    cols = start[..., None] + torch.arange(block, device=p.device)  # (C, N, block)
+    vals = p.gather(1, cols.clamp(max=V - 1).view(C, -1)).view(cols.shape)
+    if V % block:  # the last block is partial: its clamped columns repeat id V - 1
+        vals = vals.masked_fill(cols >= V, 0.0)
+    within = torch.cumsum(vals, dim=-1, dtype=torch.float64)  # (C, N, block)
+    w = torch.searchsorted(within, (frac * within[..., -1])[..., None]).squeeze(-1).clamp_(max=block - 1)
+    # Rounding can land a draw on an id without mass (past the block's last positive entry): take that entry.
+    empty = vals.gather(-1, w[..., None]).squeeze(-1) <= 0
+    if bool(empty.any()):
+        last = block - 1 - torch.argmax((vals.flip(-1) > 0).to(torch.int8), dim=-1)
+        w = torch.where(empty, last, w)
+    ids = torch.where(total[:, None] > 0, start + w, torch.full_like(start, -1))
+    return ids, total
+
+
+def _sampled_chunk(p: torch.Tensor, head_k: int, u: torch.Tensor, tail_only: bool):
+    """The sampled modes' work on one chunk of probabilities p (C, V) fp32 (the softmax of the logits, which
+    it may overwrite): draws (one per uniform) from the full distribution, or from the tail outside the top
+    `head_k` when `tail_only`; plus the head (top `head_k` ids and log-probs, when head_k > 0) and the tail's
+    log-mass (outside the head).
+    Returns head log-probs (C, head_k), head ids, tail (C,), draw ids (C, N) int32, draw log-probs (C, N).
+
+    After the softmax, the only vocabulary-sized work is the draws' block pass: no log-softmax copy, no
+    fp64 (C, V) buffer, no second pass for the tail."""
+    if head_k:
+        vals, idx = torch.topk(p, head_k, dim=-1, sorted=True)
+        head_lp = torch.log(vals)
+    else:
+        idx = torch.empty((p.shape[0], 0), dtype=torch.long, device=p.device)
+        head_lp = torch.empty((p.shape[0], 0), dtype=torch.float32, device=p.device)
+    if tail_only and head_k:
+        p.scatter_(-1, idx, 0.0)
+    ids, total = inverse_cdf_draws(p, u)
+    # a drawn id has p > 0, so its log-prob is finite; fp32 p carries ~1e-7 relative error, as log_softmax does
+    draw_lp = torch.where(ids >= 0, torch.log(p.gather(-1, ids.clamp(min=0))), torch.full_like(u, float("-inf")))
+    if tail_only or not head_k:
+        tail = torch.log(total).float() if head_k else torch.zeros_like(total, dtype=torch.float32)
+    else:  # draws from the full distribution and a head: the mass outside the head needs its own pass
+        tail = torch.log(p.scatter_(-1, idx, 0.0).sum(-1, dtype=torch.float32)).float()
+    return head_lp, idx, tail, ids.to(torch.int32), draw_lp.float()
 
 
 class HFEngine:
@@ -73,7 +146,8 @@ class HFEngine:
         `.gguf` file path. gguf_file: a GGUF file name inside that directory (or a path to one);
         transformers dequantises it to `dtype` (needs the `gguf` package).
     device: "cpu", "cuda", "cuda:N" or "auto" (cuda when available).
-    chunk_positions: positions per lm_head/log-softmax chunk (bounds fp32 logits memory).
+    chunk_positions: positions per lm_head/log-softmax chunk (bounds fp32 logits memory); by default
+        `default_chunk_positions(vocab)`: 1024, fewer for vocabularies over 64k ids.
     max_model_len: if set, longer sequences are refused (for parity with the vLLM engine).
     """
 
@@ -85,10 +159,10 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "cpu",
         gguf_file: str | None = None,
-        chunk_positions: int = 1024,
+        chunk_positions: int | None = None,
         max_model_len: int | None = None,
     ):
-        if chunk_positions < 1:
+        if chunk_positions is not None and chunk_positions < 1:
             raise ValueError(f"chunk_positions={chunk_positions}: need >= 1")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +207,8 @@ class HFEngine:
         self._base = base if base is not self.model else None
         self._head = self.model.get_output_embeddings()
         self.vocab_size = self._check_head()
+        if self.chunk_positions is None:
+            self.chunk_positions = default_chunk_positions(self.vocab_size)
 
     # ------------------------------------------------------------------ the head
 
@@ -197,10 +273,12 @@ class HFEngine:
         """Top-k log-probs for every real position of every sequence (T_i - 1 rows each).
 
         uniforms: one (T_i - 1, N) array per sequence of numbers in (0, 1]; each becomes one draw from
-        the full distribution (inverse CDF), or from the distribution restricted to outside the top k
-        when `tail_only`. Passing the uniforms in keeps draws independent of batching."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k={k!r}: need a positive int")
+        the full distribution (inverse CDF, `inverse_cdf_draws`), or from the distribution restricted to
+        outside the top k when `tail_only`. Passing the uniforms in keeps draws independent of batching.
+        With uniforms, k may be 0 (sample mode stores no head): then ids / logprobs are (T_i - 1, 0)
+        and the tail is 0 (all the mass is outside an empty head)."""
+        if not isinstance(k, (int, np.integer)) or k < (0 if uniforms is not None else 1):
+            raise ValueError(f"k={k!r}: need a positive int (0 only with uniforms: draws without a head)")
         if k > self.vocab_size:
             raise ValueError(
                 f"k={k} exceeds the vocabulary size {self.vocab_size} of {self.name_or_path}; "
@@ -238,24 +316,18 @@ class HFEngine:
         tail_out = torch.empty((n,), dtype=torch.float32, device=self.device)
         for s in range(0, n, self.chunk_positions):
             e = min(s + self.chunk_positions, n)
-            chunk = project(flat[s:e]) if project is not None else flat[s:e]
-            # (n, V) fp32; with dtype= CUDA upcasts inside the kernel (half_to_float), CPU copies first.
-            lp = torch.log_softmax(chunk, dim=-1, dtype=torch.float32)
+            chunk = project(flat[s:e]) if project is not None else flat[s:e]  # (C, V) logits
             if U is None:  # fixed top-k: the fast tail
+                # (C, V) fp32; with dtype= CUDA upcasts inside the kernel (half_to_float), CPU copies first.
+                lp = torch.log_softmax(chunk, dim=-1, dtype=torch.float32)
+                del chunk
                 vals, idx, tail_out[s:e] = _topk_and_tail(lp, k)
-                ids_out[s:e] = idx.to(torch.int32)
-                lp_out[s:e] = vals
-                continue
-            vals, idx = torch.topk(lp, k, dim=-1, sorted=True)
-            full = lp.clone()
-            if not tail_only:
-                draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
-            # The tail from the rest of the distribution, not 1 - sum(top-k): exact even when the
-            # top-k mass is within float rounding of 1.
-            lp.scatter_(-1, idx, float("-inf"))
-            tail_out[s:e] = torch.logsumexp(lp, dim=-1)
-            if tail_only:
-                draw_ids[s:e], draw_lp[s:e] = _inverse_cdf_draws(lp, full, U[s:e])
+                del lp
+            else:  # sampled modes: only what the draws and the head need (no full log-softmax, no fp64 pass)
+                p = torch.softmax(chunk, dim=-1, dtype=torch.float32)
+                del chunk  # the logits are not needed once p exists: one (C, V) buffer during the draws
+                vals, idx, tail_out[s:e], draw_ids[s:e], draw_lp[s:e] = _sampled_chunk(p, k, U[s:e], tail_only)
+                del p
             ids_out[s:e] = idx.to(torch.int32)
             lp_out[s:e] = vals
         ids_np, lp_np, tail_np = ids_out.cpu().numpy(), lp_out.cpu().numpy(), tail_out.cpu().numpy()

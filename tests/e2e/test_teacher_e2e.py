@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from storage import Encoding, RunReader
 from storage.failpoints import ENV as FAILPOINTS_ENV
+from storage.spec import RunSpec
 
 
 def reference_topk(model, input_ids: np.ndarray, k: int):
@@ -252,6 +253,24 @@ def test_run_dir_of_another_teacher_is_refused(tmp_path, tiny_model_dir, tiny_co
     assert r.exit_code != 0 and "different settings" in r.output and "teacher.weights_sha256" in r.output
     r = cli("teacher", "--model", tiny_model_dir, *args[:-2], "--out", tmp_path / "run", "--top-k", 8, expect_ok=False)
     assert "k: 4 vs 8" in r.output
+
+
+def test_run_drawn_by_the_previous_draw_algorithm_is_not_resumed_into(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    # Runs written before capture.draws_algorithm existed drew by a full-vocabulary fp64 cumsum: the same
+    # uniforms may give other ids, so adding shards to such a run would mix two algorithms.
+    args = ["--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--seq-len", 32]
+    args += ["--capture", "sample", "--draws", 8, "--num-shards", 2, "--shard-index", 0, "--out", tmp_path / "run"]
+    cli("teacher", *args)
+    spec_path = tmp_path / "run" / "run.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["capture"]["draws_algorithm"] == "blocked-inverse-cdf-1"
+    del spec["capture"]["draws_algorithm"]
+    old = RunSpec.from_dict({k: v for k, v in spec.items() if k != "fingerprint"})
+    spec_path.write_text(json.dumps(old.to_dict()))  # as the previous version wrote it
+    args[-3] = 1  # the other shard
+    r = cli("teacher", *args, expect_ok=False)
+    assert r.exit_code != 0 and "different settings" in r.output
+    assert "capture.draws_algorithm: None vs 'blocked-inverse-cdf-1'" in r.output and "Traceback" not in r.output
 
 
 def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):

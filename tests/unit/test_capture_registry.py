@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from storage import MODES, CaptureMode, mode_of
+from storage.capture import DRAWS_ALGORITHM
 from storage.inspect_run import format_table, summarize
 from storage.synthetic import synthetic_spec, write_synthetic_run
 
@@ -19,11 +20,27 @@ CAPTURES = {
         "topp: smallest prefix holding 0.9 of the mass, 2..8 ids",
     ),
     "sample": (
-        {"mode": "sample", "engine": "hf", "dtype": "float32", "draws": 16, "seed": 3, "head_k": 0},
+        {
+            "mode": "sample",
+            "engine": "hf",
+            "dtype": "float32",
+            "draws": 16,
+            "seed": 3,
+            "head_k": 0,
+            "draws_algorithm": DRAWS_ALGORITHM,
+        },
         "sample: 16 draws per position from the full distribution (seed 3)",
     ),
     "hybrid": (
-        {"mode": "hybrid", "engine": "hf", "dtype": "float32", "draws": 16, "seed": 3, "head_k": 8},
+        {
+            "mode": "hybrid",
+            "engine": "hf",
+            "dtype": "float32",
+            "draws": 16,
+            "seed": 3,
+            "head_k": 8,
+            "draws_algorithm": DRAWS_ALGORITHM,
+        },
         "hybrid: exact top 8 + 16 tail draws (seed 3)",
     ),
 }
