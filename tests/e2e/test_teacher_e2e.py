@@ -52,7 +52,17 @@ def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     bound = Encoding.parse(encoding).logprob_error_bound()
     reader = RunReader(out)
-    assert [r.sample_id for r in reader] == list(range(len(reader)))
+    rows = list(reader)
+    # Each shard packs its own corpus range: ids i * 2**32 + j, and the shards' tokens in order are the
+    # document stream of the whole corpus (each document's tokens + EOS), cut at every shard boundary.
+    by_shard = {}
+    for r in rows:
+        by_shard.setdefault(r.sample_id >> 32, []).append(r.sample_id & 0xFFFFFFFF)
+    assert sorted(by_shard) == [0, 1, 2] and all(v == list(range(len(v))) for v in by_shard.values())
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [r["text"] for r in map(json.loads, (tiny_corpus_dir / "text.jsonl").read_text().splitlines())]
+    stream = [t for x in texts if isinstance(x, str) and x.strip() for t in tok(x)["input_ids"] + [tok.eos_token_id]]
+    np.testing.assert_array_equal(np.concatenate([r.input_ids for r in rows]), stream)
     for row in reader:
         ids, lp, tail = reference_topk(model, row.input_ids, 16)
         m = row.label_mask
