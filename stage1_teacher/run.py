@@ -35,26 +35,25 @@ def run(config: TeacherConfig) -> dict:
     t0 = time.perf_counter()
     spec, source, model_dir, (engine_name, device, dtype) = prepare(config)
     _PREPARED()
-    claim_run_dir(config.out, spec)
     pending, owned = pending_shards(config.out, spec, config.shard_index)
+    # The first shard is read before anything is written or the engine is built: a corpus without a
+    # trainable position fails with nothing on disk and no model loaded.
+    first = source.sequences(pending[0]) if pending else None
+    claim_run_dir(config.out, spec)
     if len(pending) < owned:
         log.info("%d of %d shards already complete; skipping them", owned - len(pending), owned)
     receipts = []
     scoring_s = 0.0
     if pending:
-        engine = None
+        engine = build_engine(spec, model_dir, engine_name, device, dtype, config.gguf_file)
         t_engine = time.perf_counter()
-        # One shard's sequences in memory at a time; the first is read before the engine is built, so a
-        # corpus without a trainable position fails before the model loads.
+        # One shard's sequences in memory at a time.
         with (
             sigterm_as_exit(),
             tqdm(total=None, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True) as bar,
         ):
             for i in pending:
-                seqs = source.sequences(i)
-                if engine is None:
-                    engine = build_engine(spec, model_dir, engine_name, device, dtype, config.gguf_file)
-                    t_engine = time.perf_counter()
+                seqs, first = (first if first is not None else source.sequences(i)), None
                 path = shard_path(config.out, i, spec.num_shards)
                 receipts.append(write_shard(engine, spec, path, seqs, config.batch_size, bar))
                 del seqs
