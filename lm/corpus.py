@@ -123,6 +123,7 @@ class CorpusResult:
 
 # --------------------------------------------------------------------------------------------- input
 
+
 def _builder_for(path: Path) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
@@ -357,7 +358,7 @@ def _file_piece(path: Path, name: str, builder: str) -> _Piece:
         return _Piece("parquet", name, size, rows=pq.ParquetFile(path).metadata.num_rows, path=str(path))
     if builder == "json" and not compressed:
         with open(path, "rb") as f:
-            first = f.read(1 << 16).lstrip()[:1]
+            first = f.read(1024).lstrip()[:1]  # JSON array or JSON lines: the first byte tells
         if first != b"[":  # JSON lines: splittable by bytes
             return _Piece("lines", name, size, path=str(path), builder=builder)
     return _Piece("whole", name, max(size, 1), path=str(path), builder=builder, compressed=compressed)
@@ -411,7 +412,9 @@ def plan_corpus(data, *, split: str = "train") -> CorpusPlan:
 
 def _rows_plan(rows: list, display: str) -> CorpusPlan:
     h = hashlib.sha256(json.dumps(rows, sort_keys=True, default=repr).encode())
-    return CorpusPlan(display, [_Piece("rows", "<rows>", len(rows), rows=len(rows))], {"rows_sha256": h.hexdigest()}, rows)
+    return CorpusPlan(
+        display, [_Piece("rows", "<rows>", len(rows), rows=len(rows))], {"rows_sha256": h.hexdigest()}, rows
+    )
 
 
 def load_corpus(data: str | os.PathLike, *, split: str = "train"):
@@ -547,7 +550,9 @@ def _documents(
         else:
             valid = [i for i, v in enumerate(batch) if _valid_text(v)]
             encoded = (
-                tokenizer([batch[i] for i in valid], add_special_tokens=True, verbose=False)["input_ids"]
+                tokenizer(
+                    [batch[i] for i in valid], add_special_tokens=True, return_attention_mask=False, verbose=False
+                )["input_ids"]
                 if valid
                 else []
             )

@@ -88,6 +88,7 @@ _SHARD_STARTED = failpoints.declare(
 class ShardFailedError(RuntimeError):
     """A shard failed on a Ray worker: an exception inside it, or too many attempts that killed the worker."""
 
+
 # What each worker returns per shard (numpy columns); `written` is False when another process had
 # finished the shard in the meantime (then it was only checked, not scored).
 _RECEIPT_COLUMNS = ("shard_index", "written", "rows", "trained_tokens", "bytes", "sha256", "t_start", "t_end", "host")
@@ -287,7 +288,9 @@ def run_ray(config: TeacherConfig) -> dict:
                 "scoring %d shards with up to %d Ray workers (%s)",
                 len(pending),
                 plan["workers"],
-                f"1 GPU each, {plan['gpus']} now" if plan["num_gpus"] else f"{plan['num_cpus']} CPUs each of {plan['cpus']}",
+                f"1 GPU each, {plan['gpus']} now"
+                if plan["num_gpus"]
+                else f"{plan['num_cpus']} CPUs each of {plan['cpus']}",
             )
             try:
                 with (
@@ -302,10 +305,10 @@ def run_ray(config: TeacherConfig) -> dict:
             except Exception as e:
                 failed = _failed_shards(attempts_dir, run_dir, spec)
                 cause = str(e).strip().splitlines()
-                named = next((line for line in reversed(cause) if "ShardFailedError" in line), cause[-1] if cause else "")
-                raise ShardFailedError(
-                    f"--ray: the run stopped; shard(s) {failed} failed. {named.strip()}"
-                ) from e
+                named = next(
+                    (line for line in reversed(cause) if "ShardFailedError" in line), cause[-1] if cause else ""
+                )
+                raise ShardFailedError(f"--ray: the run stopped; shard(s) {failed} failed. {named.strip()}") from e
             finally:
                 shutil.rmtree(attempts_dir, ignore_errors=True)
                 with contextlib.suppress(OSError):

@@ -16,7 +16,6 @@ from .layout import MANIFEST, RUN_SPEC, SHARD_DIR, parse_shard_name, shard_name
 from .receipt import ShardReceipt, receipt_for
 from .spec import RunSpec, load_run_spec, read_json
 
-
 _MANIFEST_TMP = failpoints.declare("manifest.tmp_written", "manifest.json's tmp file is complete, not yet renamed")
 
 

@@ -19,7 +19,6 @@ from .atomic import TmpFile, fsync_dir, remove_stale_tmp
 from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError, RunWriteError
 from .layout import FORMAT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, RUN_SPEC
 
-
 _RUN_SPEC_TMP = failpoints.declare("run_spec.tmp_written", "run.json's tmp file is written, not yet linked")
 
 

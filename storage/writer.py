@@ -30,7 +30,9 @@ ROW_GROUP_ROWS = 256
 _ROW_GROUP_WRITTEN = failpoints.declare(
     "shard.row_group_written", "row group N (1-based) of the shard is in its .tmp file; fields shard, row_group"
 )
-_CLOSED = failpoints.declare("shard.closed", "the shard's .tmp file is complete and closed; not yet linked; field shard")
+_CLOSED = failpoints.declare(
+    "shard.closed", "the shard's .tmp file is complete and closed; not yet linked; field shard"
+)
 _LINKED = failpoints.declare(
     "shard.linked", "the shard is under its final name; its receipt not yet written; field shard"
 )
