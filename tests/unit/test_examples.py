@@ -28,7 +28,10 @@ def _fake_sbatch(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"
     fake.write_text(
-        '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$SBATCH_LOG"\necho ---- >> "$SBATCH_LOG"\necho 4242\n'
+        "#!/bin/sh\n"
+        'for a in "$@"; do printf "%s\\n" "$a"; done >> "$SBATCH_LOG"\n'
+        'echo ---- >> "$SBATCH_LOG"\n'
+        "echo 4242\n"
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     return bin_dir
