@@ -246,7 +246,6 @@ def run_ray(config: TeacherConfig) -> dict:
             log.info("the Ray cluster has GPUs, this driver none: --device auto means cuda on the workers")
             config = dataclasses.replace(config, device="cuda")
         spec, source, model_dir, (engine_name, device, dtype) = prepare(config)
-        source.tokenizer_dir = str(Path(source.tokenizer_dir).resolve())
         run_dir = config.out.resolve()
         claim_run_dir(run_dir, spec)
         pending, owned = pending_shards(run_dir, spec, config.shard_index)
