@@ -101,6 +101,7 @@ class ShardWriter:
             raise ValueError("sampled labels need ids=plain: their draw counts are stored in entry order")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.path)
+        remove_stale_tmp(receipt_path(self.path))  # a receipt write killed half-way (never read either way)
         self._tmp = TmpFile(self.path)  # locked until the end: no other writer's sweep removes it
         self.tmp = self._tmp.path
         self._meta = {

@@ -145,3 +145,20 @@ def test_an_exception_inside_a_shard_ends_the_run_at_once_naming_it(tmp_path, ti
     rc, log = _ray_run(*args, "--out", tmp_path / "run", failpoints="", workers=1)
     assert rc != 0, log
     assert f"shard(s) [{NUM_SHARDS - 1}] failed" in log and "not valid JSON" in log, log[-3000:]
+
+
+def test_gpu_workers_are_planned_for_a_cluster_whose_gpu_nodes_start_at_zero():
+    """An autoscaling cluster may have no GPU node yet: with --device cuda the actors still ask for a GPU
+    each (the autoscaler adds nodes for them) and the pool may grow to --num-workers; on CPU they share the
+    CPUs present."""
+    from types import SimpleNamespace
+
+    from stage1_teacher.ray_capture import _plan_workers
+
+    fake = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0})
+    cfg = SimpleNamespace(num_workers=8)
+    gpu = _plan_workers(fake, cfg, "cuda", pending=64)
+    assert gpu["num_gpus"] == 1 and gpu["workers"] == 8 and gpu["gpus"] == 0
+    assert _plan_workers(fake, cfg, "cuda", pending=3)["workers"] == 3, "never more actors than shards"
+    cpu = _plan_workers(fake, SimpleNamespace(num_workers=2), "cpu", pending=64)
+    assert cpu["num_gpus"] is None and cpu["num_cpus"] == 2 and cpu["workers"] == 2
