@@ -172,9 +172,9 @@ def bench_hf(
         num_shards=1,
     )
     t0 = time.perf_counter()
-    spec, corpus_obj, mdir, _ = prepare(cfg)
+    spec, source, mdir, _ = prepare(cfg)
     t_prepare = time.perf_counter() - t0
-    seqs = corpus_obj.sequences
+    seqs = source.sequences(0)  # the one shard: the first n_seq sequences (--max-samples)
     lengths = {len(s.input_ids) for s in seqs}
     if len(seqs) != n_seq or lengths != {seq_len}:
         raise RuntimeError(

@@ -7,7 +7,10 @@ Input
     A local `.jsonl` / `.json` / `.parquet` / `.txt` file (optionally `.gz`), a directory of files of
     one of those formats (read recursively, in sorted path order), a `datasets.Dataset`, a list of
     dicts, or a Hugging Face hub dataset name (`load_dataset(name, split=split)`; needs the network).
-    A `.txt` file is one document (`load_dataset("text", sample_by="document")`).
+    A `.txt` file is one document (as `load_dataset("text", sample_by="document")`). Files are read
+    here (JSON lines line by line, parquet by row group), not through `datasets`, so that a byte or row
+    range can be read without the rest; a line that is not valid JSON is an error naming the file and
+    byte offset. Compressed files and JSON-array files are read whole (they cannot be split).
 
 Row formats
     plain text: `row[text_field]` is a string; every token is trained.
@@ -43,17 +46,27 @@ Convention used throughout the project
     For `input_ids` of length T, position t in [0, T-1) predicts `input_ids[t+1]`;
     `label_mask` is bool[T-1] with `label_mask[t] = trained[t+1]`.
 
+Shards (`plan_corpus`, `load_range`)
+    Stage 1 splits a corpus into contiguous ranges of rows decided from file sizes and parquet footers
+    alone (see "input" below), and each range is tokenized and packed ON ITS OWN: a shard never depends
+    on the rows of another, so a task reads and tokenizes only its share. Packing therefore restarts at
+    every range boundary (one short sequence per range at most); `load_sequences` is the one-range case.
+    This is corpus fingerprint version 2; version 1 packed the whole corpus as one stream.
+
 Determinism
-    Same corpus + tokenizer + settings give the same sequences, `sample_id`s (0..n-1 in order) and
-    `fingerprint` on every node. `max_samples=n` stops reading once n sequences exist and yields
-    exactly the first n sequences of the unlimited run.
+    Same corpus + tokenizer + settings give the same sequences, `sample_id`s (0..n-1 in order, from
+    `first_sample_id` for a range) and `fingerprint` on every node. `max_samples=n` stops reading once n
+    sequences exist and yields exactly the first n sequences of the unlimited run.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -62,15 +75,17 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
+import zstandard
 
 from .paths import COMPRESSED_SUFFIXES, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_ROW_BATCH = 256  # rows tokenized per call: the fast tokenizer batches in Rust
+_ROW_BATCH = 256  # rows per tokenizer call: encoded in parallel (Rust threads); larger batches cost RSS, not speed
 _WARN_ROWS = 5
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: shards are packed per document range (see "Shards")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
@@ -116,8 +131,251 @@ def _builder_for(path: Path) -> str | None:
     return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def load_corpus(data: str | os.PathLike, *, split: str = "train"):
-    """Load a local file / directory / hub dataset name into a `datasets.Dataset`."""
+#
+# A corpus is planned before it is read: `plan_corpus` lists its pieces (files, or an in-memory / hub
+# dataset) and gives each a weight (bytes for files, rows for datasets), laid end to end on one axis of
+# `CorpusPlan.total` units. Range [lo, hi) of that axis owns every row whose start lies in it: for an
+# uncompressed JSON-lines file the byte offset of the line (the rule of Hadoop's input splits, so a
+# range that starts inside a line skips it and one that ends inside a line finishes it), for a parquet
+# file or a dataset row r of N the point r*size//N, for a file read whole (compressed, a JSON array, a
+# .txt document) its first byte. Shard i of n is the range [total*i//n, total*(i+1)//n): which rows it
+# holds is decided from file sizes and parquet footers alone, and reading it touches only its bytes.
+
+_HEAD_TAIL = 4096  # bytes of each file's head and tail in the identity: a cheap check, not a content hash
+
+
+@dataclass(frozen=True)
+class _Piece:
+    kind: str  # "lines" (splittable JSON lines) | "parquet" | "whole" (read whole) | "rows" (a dataset)
+    name: str  # display / identity name: the path relative to the corpus root, or "<dataset>"
+    weight: int  # units on the plan's axis: bytes of a file (at least 1), rows of a dataset
+    rows: int = 0  # parquet / dataset rows
+    path: str | None = None
+    builder: str | None = None  # json | parquet | text
+    compressed: bool = False
+
+
+class CorpusPlan:
+    """The pieces of a corpus on one axis (see above). Picklable when built from files or a hub name
+    (a Ray worker re-plans nothing: it reads its range of the same plan)."""
+
+    def __init__(self, display: str, pieces: list[_Piece], identity: dict, data=None, hub: tuple | None = None):
+        self.display, self.pieces, self.identity = display, pieces, identity
+        self._data = data  # an in-memory dataset or list of rows ("rows" pieces)
+        self._hub = hub  # (name, split) of a hub dataset, re-opened lazily after unpickling
+        self.bases = [0]
+        for p in pieces:
+            self.bases.append(self.bases[-1] + p.weight)
+
+    @property
+    def total(self) -> int:
+        return self.bases[-1]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        if self._hub is not None:
+            d["_data"] = None  # the worker opens the (cached) hub dataset itself
+        return d
+
+    def _dataset(self):
+        if self._data is None and self._hub is not None:
+            self._data = datasets.load_dataset(self._hub[0], split=self._hub[1])
+        return self._data
+
+    def split_range(self, index: int, count: int) -> tuple[int, int]:
+        """[lo, hi) of the axis that shard `index` of `count` owns."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+        return self.total * index // count, self.total * (index + 1) // count
+
+    def columns(self, limit: int = 100) -> list[str]:
+        """Column names seen in the first piece's first `limit` rows (its schema for parquet / datasets)."""
+        for p in self.pieces:
+            if p.kind == "parquet":
+                return list(pq.ParquetFile(p.path).schema_arrow.names)
+            if p.kind == "rows":
+                data = self._dataset()
+                if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+                    return list(data.column_names or [])
+            seen: dict[str, None] = {}
+            for i, row in enumerate(self._rows_of(p, 0, p.weight, base=0)):
+                if isinstance(row, dict):
+                    seen.update(dict.fromkeys(row))
+                if i + 1 >= limit:
+                    break
+            if seen or p.weight:
+                return list(seen)
+        return []
+
+    def values(self, column: str, lo: int = 0, hi: int | None = None) -> Iterator[Any]:
+        """`row[column]` (None where absent) of every row owned by [lo, hi), in corpus order."""
+        hi = self.total if hi is None else hi
+        for p, base in zip(self.pieces, self.bases):
+            if p.weight == 0 or base >= hi or base + p.weight <= lo:
+                continue
+            a, b = max(lo - base, 0), min(hi - base, p.weight)
+            if p.kind == "parquet":
+                yield from self._parquet_values(p, column, a, b)
+            elif p.kind == "rows":
+                yield from self._dataset_values(column, a, b)
+            else:
+                for row in self._rows_of(p, a, b, base):
+                    yield row.get(column) if isinstance(row, dict) else None
+
+    # -- readers of one piece, local range [a, b) of its weight
+
+    def _rows_of(self, p: _Piece, a: int, b: int, base: int) -> Iterator[Any]:
+        if p.kind == "whole":
+            if a > 0:  # the file's first byte is owned by an earlier range
+                return
+            yield from _whole_file_rows(p)
+        elif p.kind == "lines":
+            yield from _line_rows(p, a, b)
+        elif p.kind == "rows":
+            data = self._dataset()
+            for i in range(a, b):
+                yield data[i]
+
+    def _parquet_values(self, p: _Piece, column: str, a: int, b: int) -> Iterator[Any]:
+        r0, r1 = _first_row(a, p.rows, p.weight), _first_row(b, p.rows, p.weight)
+        if r0 >= r1:
+            return
+        pf = pq.ParquetFile(p.path)
+        if column not in pf.schema_arrow.names:
+            raise ValueError(f"column {column!r} not found in {p.path}; available: {', '.join(pf.schema_arrow.names)}")
+        start = 0
+        for g in range(pf.num_row_groups):  # only the row groups that overlap the range are read
+            n = pf.metadata.row_group(g).num_rows
+            lo, hi = max(r0, start), min(r1, start + n)
+            if lo < hi:
+                col = pf.read_row_group(g, columns=[column]).column(0)
+                yield from col.slice(lo - start, hi - lo).to_pylist()
+            start += n
+            if start >= r1:
+                break
+
+    def _dataset_values(self, column: str, a: int, b: int) -> Iterator[Any]:
+        data = self._dataset()
+        if isinstance(data, datasets.Dataset):
+            sub = data.select(range(a, b)).select_columns([column])
+            for batch in sub.iter(batch_size=1024):
+                yield from batch[column]
+        else:
+            for row in data[a:b]:
+                yield row.get(column) if isinstance(row, dict) else None
+
+
+def _first_row(x: int, rows: int, weight: int) -> int:
+    """The smallest r with r*weight//rows >= x (row r of `rows` sits at point r*weight//rows)."""
+    if x <= 0 or rows == 0:
+        return 0
+    return min(rows, -(-x * rows // weight))
+
+
+def _open_text(p: _Piece):
+    if p.compressed:
+        suffix = Path(p.path).suffix.lower()
+        if suffix == ".gz":
+            return gzip.open(p.path, "rb")
+        if suffix == ".bz2":
+            return bz2.open(p.path, "rb")
+        if suffix == ".xz":
+            return lzma.open(p.path, "rb")
+        return zstandard.open(p.path, "rb")
+    return open(p.path, "rb")
+
+
+def _parse_json_line(line: bytes, p: _Piece, offset: int | None):
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"byte {offset}" if offset is not None else "a line"
+        raise ValueError(f"{p.path}: {where} is not valid JSON ({e}); fix or remove that line") from e
+
+
+def _whole_file_rows(p: _Piece) -> Iterator[Any]:
+    with _open_text(p) as f:
+        if p.builder == "text":  # one document per .txt file, as `datasets`' sample_by="document"
+            yield {"text": f.read().decode("utf-8")}
+            return
+        head = f.read(1 << 16)
+        first = head.lstrip()[:1]
+        if first == b"[":  # a JSON array of rows
+            rows = json.loads(head + f.read())
+            yield from (rows if isinstance(rows, list) else [rows])
+            return
+        rest = _prepend(head, f)
+        for line in rest:
+            if line.strip():
+                yield _parse_json_line(line, p, None)
+
+
+def _prepend(head: bytes, f) -> Iterator[bytes]:
+    """Lines of `head` followed by the rest of file `f`."""
+    buf = head
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line
+    if buf:
+        yield buf
+
+
+def _line_rows(p: _Piece, a: int, b: int) -> Iterator[Any]:
+    """Rows of the JSON lines that START in bytes [a, b) of the file (Hadoop's LineRecordReader rule)."""
+    with open(p.path, "rb", buffering=1 << 20) as f:
+        if a > 0:
+            f.seek(a - 1)
+            f.readline()  # the line holding byte a-1 began before a: the previous range reads it
+        pos = f.tell()
+        while pos < b:
+            line = f.readline()
+            if not line:
+                break
+            if line.strip():
+                yield _parse_json_line(line, p, pos)
+            pos += len(line)
+
+
+def _file_identity(path: Path, name: str) -> dict:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_HEAD_TAIL))
+        if size > _HEAD_TAIL:
+            f.seek(max(size - _HEAD_TAIL, _HEAD_TAIL))
+            h.update(f.read())
+    return {"name": name, "bytes": size, "head_tail_sha256": h.hexdigest()[:32]}
+
+
+def _file_piece(path: Path, name: str, builder: str) -> _Piece:
+    compressed = path.suffix.lower() in COMPRESSED_SUFFIXES
+    size = path.stat().st_size
+    if builder == "parquet":
+        if compressed:
+            raise ValueError(f"{path}: compressed parquet files are not supported; parquet compresses itself")
+        return _Piece("parquet", name, size, rows=pq.ParquetFile(path).metadata.num_rows, path=str(path))
+    if builder == "json" and not compressed:
+        with open(path, "rb") as f:
+            first = f.read(1024).lstrip()[:1]  # JSON array or JSON lines: the first byte tells
+        if first != b"[":  # JSON lines: splittable by bytes
+            return _Piece("lines", name, size, path=str(path), builder=builder)
+    return _Piece("whole", name, max(size, 1), path=str(path), builder=builder, compressed=compressed)
+
+
+def plan_corpus(data, *, split: str = "train") -> CorpusPlan:
+    """The plan of a local file / directory / hub dataset name / `datasets.Dataset` / list of dicts."""
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise ValueError(f"got a DatasetDict with splits {list(data)}; pass one split, e.g. data[{split!r}]")
+    if isinstance(data, datasets.IterableDataset):
+        rows = list(data)  # not addressable by row: read it once (an API convenience for small data)
+        return _rows_plan(rows, "the given dataset")
+    if isinstance(data, datasets.Dataset):
+        ident = {"dataset_fingerprint": getattr(data, "_fingerprint", None), "rows": len(data)}
+        return CorpusPlan("the given dataset", [_Piece("rows", "<dataset>", len(data), rows=len(data))], ident, data)
+    if not isinstance(data, (str, os.PathLike)):
+        return _rows_plan(list(data), "the given dataset")
     name = os.fspath(data)
     path = Path(name).expanduser()
     if path.is_file():
@@ -126,7 +384,7 @@ def load_corpus(data: str | os.PathLike, *, split: str = "train"):
             raise ValueError(
                 f"unsupported corpus file {name}: expected one of {', '.join(_BUILDERS)} (optionally compressed)"
             )
-        files = [path]
+        files = [(path, path.name)]
     elif path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p) and not p.name.startswith("."))
         if not found:
@@ -138,48 +396,46 @@ def load_corpus(data: str | os.PathLike, *, split: str = "train"):
                 f"corpus directory {name} mixes formats ({', '.join(kinds)}); keep one format per directory"
             )
         builder = builders.pop()
-        files = found
+        files = [(p, p.relative_to(path).as_posix()) for p in found]
     elif looks_like_local_path(name, file_suffixes=tuple(_BUILDERS)):
         raise FileNotFoundError(f"corpus not found: {name}")
     else:
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except Exception as e:  # the hub raises many types; the user needs the name and the cause
-            raise FileNotFoundError(
-                f"corpus {name!r} is not a local file or directory, and loading it as a Hugging Face hub "
-                f"dataset (split={split!r}) failed: {type(e).__name__}: {e}"
-            ) from e
-        return ds
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        ds = load_corpus(name, split=split)
+        ident = {"hub": name, "split": split, "dataset_fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}
+        return CorpusPlan(name, [_Piece("rows", "<dataset>", len(ds), rows=len(ds))], ident, ds, hub=(name, split))
+    # Absolute paths for reading (a Ray worker's working directory is not the driver's); the identity
+    # uses the names relative to the corpus root, so two nodes that mount it elsewhere agree.
+    pieces = [_file_piece(p.resolve(), n, builder) for p, n in files]
+    ident = {"files": [_file_identity(p, n) for p, n in files]}
+    return CorpusPlan(name, pieces, ident)
 
 
-def _column_iter(data, column: str, option: str, display: str) -> tuple[Iterator[Any], list[str]]:
-    """Return an iterator over one column and the list of available columns."""
-    if isinstance(data, datasets.Dataset):
-        available = list(data.column_names)
-        if column not in available:
-            raise ValueError(
-                f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}"
-            )
+def _rows_plan(rows: list, display: str) -> CorpusPlan:
+    h = hashlib.sha256(json.dumps(rows, sort_keys=True, default=repr).encode())
+    return CorpusPlan(
+        display, [_Piece("rows", "<rows>", len(rows), rows=len(rows))], {"rows_sha256": h.hexdigest()}, rows
+    )
 
-        def it():
-            for batch in data.select_columns([column]).iter(batch_size=1024):
-                yield from batch[column]
 
-        return it(), available
-    if isinstance(data, datasets.IterableDataset):
-        available = list(data.column_names or [])
-        if available and column not in available:
-            raise ValueError(
-                f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}"
-            )
-        return (r.get(column) for r in data), available
-    rows = list(data)
-    available = sorted({k for r in rows if isinstance(r, dict) for k in r})
+def load_corpus(data: str | os.PathLike, *, split: str = "train"):
+    """A Hugging Face hub dataset name as a `datasets.Dataset` (one split)."""
+    try:
+        return datasets.load_dataset(os.fspath(data), split=split)
+    except Exception as e:  # the hub raises many types; the user needs the name and the cause
+        raise FileNotFoundError(
+            f"corpus {os.fspath(data)!r} is not a local file or directory, and loading it as a Hugging Face hub "
+            f"dataset (split={split!r}) failed: {type(e).__name__}: {e}"
+        ) from e
+
+
+def check_column(plan: CorpusPlan, column: str, option: str) -> None:
+    """Fail before any work when the corpus has no `column` (looked up in its first rows / schema)."""
+    available = plan.columns()
     if column not in available:
-        raise ValueError(f"column {column!r} not found in {display}; available: {', '.join(available)}; pass {option}")
-    return (r.get(column) if isinstance(r, dict) else None for r in rows), available
+        raise ValueError(
+            f"column {column!r} not found in {plan.display}; available: {', '.join(available) or '(none)'}; "
+            f"pass {option}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- documents
@@ -294,7 +550,9 @@ def _documents(
         else:
             valid = [i for i, v in enumerate(batch) if _valid_text(v)]
             encoded = (
-                tokenizer([batch[i] for i in valid], add_special_tokens=True, verbose=False)["input_ids"]
+                tokenizer(
+                    [batch[i] for i in valid], add_special_tokens=True, return_attention_mask=False, verbose=False
+                )["input_ids"]
                 if valid
                 else []
             )
@@ -353,6 +611,113 @@ def _chunks(docs: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, pack: b
 # --------------------------------------------------------------------------------------------- API
 
 
+def _check_settings(tokenizer, seq_len, max_samples) -> int:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len={seq_len!r}: need an int >= 2 (a sequence of T tokens has T-1 predictions)")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples={max_samples!r}: need a positive int or None")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; it is needed to separate documents")
+    return int(eos)
+
+
+def corpus_settings(
+    tokenizer,
+    *,
+    seq_len: int,
+    text_field: str = "text",
+    messages_field: str | None = None,
+    train_on_prompt: bool = False,
+    max_samples: int | None = None,
+    pack: bool = True,
+) -> dict[str, Any]:
+    """What decides the sequences besides the corpus itself (recorded in the run spec)."""
+    eos = _check_settings(tokenizer, seq_len, max_samples)
+    chat = messages_field is not None
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "format": "chat" if chat else "text",
+        "field": messages_field if chat else text_field,
+        "seq_len": seq_len,
+        "pack": pack,
+        "train_on_prompt": train_on_prompt,
+        "max_samples": max_samples,
+        "eos_token_id": eos,
+    }
+
+
+def load_range(
+    plan: CorpusPlan,
+    tokenizer,
+    settings: dict[str, Any],
+    *,
+    lo: int = 0,
+    hi: int | None = None,
+    first_sample_id: int = 0,
+    allow_empty: bool = False,
+    where: str = "",
+) -> CorpusResult:
+    """Tokenize and pack the rows of `plan` owned by [lo, hi) on its own (see the module docstring).
+
+    `settings` from `corpus_settings`; sample ids count from `first_sample_id`. `allow_empty`: a range
+    without a trainable position gives an empty result instead of a ValueError. `where` names the range in
+    the warning about skipped rows (row numbers count from the start of the range).
+    """
+    chat = settings["format"] == "chat"
+    column = settings["field"]
+    seq_len, max_samples, eos = settings["seq_len"], settings["max_samples"], settings["eos_token_id"]
+    result = CorpusResult(sequences=[], fingerprint="", settings=settings)
+    template_errors: list[str] = []
+    docs = _documents(
+        plan.values(column, lo, hi),
+        tokenizer,
+        chat=chat,
+        train_on_prompt=settings["train_on_prompt"],
+        eos=eos,
+        result=result,
+        template_errors=template_errors,
+    )
+    chunks = _chunks(docs, seq_len, settings["pack"])
+    try:
+        for ids, trained in chunks:
+            label_mask = trained[1:]
+            if not label_mask.any():
+                result.dropped_sequences += 1
+                continue
+            seq = Sequence(
+                sample_id=first_sample_id + len(result.sequences),
+                input_ids=np.ascontiguousarray(ids, dtype=np.int32),
+                label_mask=np.ascontiguousarray(label_mask, dtype=bool),
+            )
+            result.sequences.append(seq)
+            result.tokens += len(ids)
+            result.trained_positions += int(label_mask.sum())
+            if max_samples is not None and len(result.sequences) >= max_samples:
+                break
+    finally:
+        chunks.close()
+        docs.close()
+    display = plan.display + (f" ({where})" if where else "")
+    if result.skipped:
+        what = "malformed conversations (not a list of {role, content} strings)" if chat else "empty or non-string rows"
+        rows = ", ".join(map(str, result.skipped_rows)) + (", ..." if result.skipped > len(result.skipped_rows) else "")
+        extra = f"; first template error: {template_errors[0]}" if template_errors else ""
+        logger.warning("%s: skipped %d %s (rows %s)%s", display, result.skipped, what, rows, extra)
+    if not result.sequences and not allow_empty:
+        raise ValueError(
+            f"no trainable position in {display}: read {result.rows_read} rows, skipped {result.skipped} "
+            f"(empty/invalid), {result.untrained_documents} without trained tokens"
+            + (
+                ""
+                if not chat or settings["train_on_prompt"]
+                else " (no assistant turns? pass train_on_prompt=True to train on every token)"
+            )
+        )
+    result.fingerprint = corpus_fingerprint(result.sequences, settings)
+    return result
+
+
 def load_sequences(
     data,
     tokenizer,
@@ -365,93 +730,25 @@ def load_sequences(
     pack: bool = True,
     split: str = "train",
 ) -> CorpusResult:
-    """Tokenize a corpus into sequences of at most `seq_len` tokens with their label masks.
+    """Tokenize a whole corpus into sequences of at most `seq_len` tokens with their label masks.
 
     data: path / directory / hub name / `datasets.Dataset` / list of dicts (see the module docstring).
     messages_field: when set, rows are chat conversations read from that column (`text_field` is unused).
     max_samples: stop after this many sequences (the result is the prefix of the unlimited run).
     split: the split of a hub dataset (local files are always one split).
     """
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len={seq_len!r}: need an int >= 2 (a sequence of T tokens has T-1 predictions)")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples={max_samples!r}: need a positive int or None")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; it is needed to separate documents")
-
-    if isinstance(data, (str, os.PathLike)):
-        display = os.fspath(data)
-        dataset = load_corpus(data, split=split)
-    else:
-        display = "the given dataset"
-        dataset = data
-    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        raise ValueError(f"got a DatasetDict with splits {list(data)}; pass one split, e.g. data[{split!r}]")
-
-    chat = messages_field is not None
-    column, option = (messages_field, "--messages-field") if chat else (text_field, "--text-field")
-    values, _ = _column_iter(dataset, column, option, display)
-
-    settings = {
-        "fingerprint_version": FINGERPRINT_VERSION,
-        "format": "chat" if chat else "text",
-        "field": column,
-        "seq_len": seq_len,
-        "pack": pack,
-        "train_on_prompt": train_on_prompt,
-        "max_samples": max_samples,
-        "eos_token_id": int(eos),
-    }
-    result = CorpusResult(sequences=[], fingerprint="", settings=settings)
-    template_errors: list[str] = []
-    docs = _documents(
-        values,
+    settings = corpus_settings(
         tokenizer,
-        chat=chat,
+        seq_len=seq_len,
+        text_field=text_field,
+        messages_field=messages_field,
         train_on_prompt=train_on_prompt,
-        eos=int(eos),
-        result=result,
-        template_errors=template_errors,
+        max_samples=max_samples,
+        pack=pack,
     )
-    chunks = _chunks(docs, seq_len, pack)
-    try:
-        for ids, trained in chunks:
-            label_mask = trained[1:]
-            if not label_mask.any():
-                result.dropped_sequences += 1
-                continue
-            seq = Sequence(
-                sample_id=len(result.sequences),
-                input_ids=np.ascontiguousarray(ids, dtype=np.int32),
-                label_mask=np.ascontiguousarray(label_mask, dtype=bool),
-            )
-            result.sequences.append(seq)
-            result.tokens += len(ids)
-            result.trained_positions += int(label_mask.sum())
-            if max_samples is not None and len(result.sequences) >= max_samples:
-                break
-    finally:
-        chunks.close()
-        docs.close()
-    if result.skipped:
-        what = "malformed conversations (not a list of {role, content} strings)" if chat else "empty or non-string rows"
-        rows = ", ".join(map(str, result.skipped_rows)) + (", ..." if result.skipped > len(result.skipped_rows) else "")
-        extra = f"; first template error: {template_errors[0]}" if template_errors else ""
-        logger.warning("%s: skipped %d %s (rows %s)%s", display, result.skipped, what, rows, extra)
-
-    if not result.sequences:
-        raise ValueError(
-            f"no trainable position in {display}: read {result.rows_read} rows, skipped {result.skipped} "
-            f"(empty/invalid), {result.untrained_documents} without trained tokens"
-            + (
-                ""
-                if not chat or train_on_prompt
-                else " (no assistant turns? pass train_on_prompt=True to train on every token)"
-            )
-        )
-    result.fingerprint = corpus_fingerprint(result.sequences, settings)
-    return result
+    plan = plan_corpus(data, split=split)
+    check_column(plan, settings["field"], "--messages-field" if messages_field is not None else "--text-field")
+    return load_range(plan, tokenizer, settings)
 
 
 def corpus_fingerprint(sequences: list[Sequence], settings: dict[str, Any]) -> str:
@@ -462,4 +759,13 @@ def corpus_fingerprint(sequences: list[Sequence], settings: dict[str, Any]) -> s
         h.update(np.int64(len(s.input_ids)).tobytes())
         h.update(s.input_ids.astype("<i4", copy=False).tobytes())
         h.update(np.packbits(s.label_mask).tobytes())
+    return h.hexdigest()
+
+
+def plan_fingerprint(plan: CorpusPlan, settings: dict[str, Any]) -> str:
+    """sha256 over the settings and the plan's identity (file names, sizes, head/tail hashes): what every
+    task of a run computes without reading the corpus, so that they agree on a run they share."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps(plan.identity, sort_keys=True).encode())
     return h.hexdigest()

@@ -1,7 +1,13 @@
-"""From a `TeacherConfig` to what a capture task needs: the run spec, the task's sequences and the engine.
+"""From a `TeacherConfig` to what a capture task needs: the run spec, where its sequences come from, and
+the engine.
 
-Nothing here loads model weights: a task whose shards are all done learns that from the spec and the run
-directory alone. Every problem with the options is collected and raised once, before any work starts.
+Nothing here loads model weights or tokenizes the corpus: the spec is built from the corpus plan (file
+names, sizes, parquet footers) and the settings, so every task of a run computes the same spec cheaply,
+and each shard's sequences are read later by whoever captures it (`shards.ShardSource`). Every problem
+with the options is collected and raised once, before any work starts.
+
+The model is recorded so that stage 2 finds it from any directory: a local folder by its absolute path,
+a hub name as the name plus the snapshot's revision (commit hash).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lm.corpus import CorpusResult, load_sequences
+from lm.corpus import check_column, corpus_settings, load_range, plan_corpus, plan_fingerprint
 from lm.loading import canonical_dtype, load_tokenizer, model_limits
 from lm.model_files import model_identity, resolve_model_dir
 from lm.tokenizer_id import tokenizer_fingerprint
@@ -21,6 +27,7 @@ from storage.layout import FORMAT_VERSION
 from .config import TeacherConfig
 from .engines.base import Engine
 from .engines.factory import make_engine, resolve_engine_name
+from .shards import ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +46,25 @@ def resolve_engine_and_dtype(config: TeacherConfig) -> tuple[str, str, str]:
     return engine, device, canonical_dtype(dtype, option="--dtype")
 
 
-def prepare(config: TeacherConfig) -> tuple[RunSpec, CorpusResult, Path, tuple[str, str, str]]:
-    """(spec, tokenized corpus, model folder, (engine, device, dtype)); no model weights loaded."""
+def model_record(config_model: str, model_dir: Path) -> dict:
+    """How run.json names the model: an absolute path for a local folder (a relative one would break a
+    stage 2 launched elsewhere), or the hub name and the revision of the snapshot that was used."""
+    local = Path(config_model).expanduser()
+    if local.is_dir():
+        return {"name_or_path": str(local.resolve())}
+    revision = model_dir.name if model_dir.parent.name == "snapshots" else None
+    return {"name_or_path": config_model, "revision": revision}
+
+
+def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[str, str, str]]:
+    """(spec, the shards' sequence source, model folder, (engine, device, dtype)); no model weights loaded,
+    nothing tokenized except the first --max-samples sequences when that option is set."""
     model_dir = resolve_model_dir(config.model)
-    identity = model_identity(model_dir, name_or_path=config.model, gguf_file=config.gguf_file)
+    record = model_record(config.model, model_dir)
+    identity = {
+        **model_identity(model_dir, name_or_path=record["name_or_path"], gguf_file=config.gguf_file),
+        **record,
+    }
     engine, device, dtype = resolve_engine_and_dtype(config)
     mode = mode_of({"mode": config.resolved_capture(engine)})
     if mode.name != config.capture:
@@ -63,8 +85,7 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, CorpusResult, Path, tuple[s
     if problems:
         raise ValueError("; ".join(problems))
     tokenizer = load_tokenizer(model_dir, config.gguf_file)
-    corpus = load_sequences(
-        config.data,
+    settings = corpus_settings(
         tokenizer,
         seq_len=config.seq_len,
         text_field=config.text_field,
@@ -72,14 +93,33 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, CorpusResult, Path, tuple[s
         train_on_prompt=config.train_on_prompt,
         max_samples=config.max_samples,
         pack=config.pack,
-        split=config.split,
     )
-    n = corpus.num_sequences
-    if config.num_shards > n:
-        raise ValueError(
-            f"--num-shards {config.num_shards} exceeds the {n} sequences of {config.data}: "
-            f"every shard needs at least one sequence; use --num-shards <= {n}"
-        )
+    plan = plan_corpus(config.data, split=config.split)
+    check_column(plan, settings["field"], "--messages-field" if config.messages_field else "--text-field")
+    source = ShardSource(
+        plan=plan,
+        settings=settings,
+        num_shards=config.num_shards,
+        tokenizer_dir=str(Path(model_dir).resolve()),
+        gguf_file=config.gguf_file,
+        _tokenizer=tokenizer,
+    )
+    if config.max_samples is not None:
+        # A prefix of the corpus, cut into blocks by sequence index: every task tokenizes it (it is small).
+        prefix = load_range(plan, tokenizer, settings)
+        n = prefix.num_sequences
+        if config.num_shards > n:
+            raise ValueError(
+                f"--num-shards {config.num_shards} exceeds the {n} sequences of --max-samples "
+                f"{config.max_samples} of {config.data}: every shard needs at least one sequence; "
+                f"use --num-shards <= {n}"
+            )
+        source.prefix = prefix.sequences
+        corpus = {"fingerprint": prefix.fingerprint, "sharding": "prefix"}
+        num_sequences = n
+    else:
+        corpus = {"fingerprint": plan_fingerprint(plan, settings), "sharding": "ranges"}
+        num_sequences = None
     if mode.sampled and engine != "hf":
         raise ValueError(f"--capture {mode.name} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
     encoding = Encoding.parse(config.encoding)
@@ -92,13 +132,13 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, CorpusResult, Path, tuple[s
         k=mode.stored_width(config.top_k, config.draws),
         encoding=encoding.to_dict(),
         capture={"mode": mode.name, "engine": engine, "dtype": dtype, **fields},
-        corpus={"fingerprint": corpus.fingerprint, "source": str(config.data), **corpus.settings},
+        corpus={**corpus, "source": str(config.data), **settings},
         seq_len=config.seq_len,
         num_shards=config.num_shards,
-        num_sequences=n,
+        num_sequences=num_sequences,
         format_version=FORMAT_VERSION,
     )
-    return spec, corpus, model_dir, (engine, device, dtype)
+    return spec, source, model_dir, (engine, device, dtype)
 
 
 def build_engine(

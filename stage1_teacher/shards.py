@@ -1,33 +1,102 @@
 """The shard as the unit of stage-1 work, shared by the local driver (`run.py`) and the Ray driver.
 
-A shard is a contiguous block of the corpus's sequences (`shard_bounds`). Capturing it = scoring its
-sequences in batches of `batch_size` (restarting at the shard's start, so a shard's bytes never depend on
-which process or driver wrote it) and writing them with one `ShardWriter`. A shard under its final name is
-complete and skipped on restart; a killed process loses at most the shard it was writing. The manifest is
-written by whichever process sees every shard present (`finalize_if_complete`), or by `pipeline teacher --finalize`.
+A shard is a contiguous range of the corpus (`lm.corpus.CorpusPlan.split_range`: byte ranges of JSON-lines
+files, row ranges of parquet files and datasets), tokenized and packed on its own by whoever captures it
+(`ShardSource.sequences`): a task reads and tokenizes its share only, never the whole corpus. Its
+sample ids are `index * SAMPLE_ID_STRIDE + j`. With `--max-samples n` the shards are instead contiguous
+blocks of the first n sequences of the corpus (`shard_bounds`), which every task tokenizes (n is small).
+Capturing a shard = scoring its sequences in batches of `batch_size` (restarting at the shard's start, so
+a shard's bytes never depend on which process or driver wrote it) and writing them with one `ShardWriter`.
+A shard under its final name is complete and skipped on restart; a killed process loses at most the shard
+it was writing. The manifest is written by whichever process sees every shard present
+(`finalize_if_complete`), or by `pipeline teacher --finalize`; on a shared filesystem whose clients cache
+directory listings (NFS: up to acdirmax, 60 s) the last task may not see every shard yet, so end such a run
+with one `--finalize` job after the array.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lm.corpus import CorpusPlan, Sequence, load_range
+from lm.loading import load_tokenizer
 from storage import Encoding, RunSpec, ShardReceipt, ShardWriter, build_manifest, missing_shards, mode_of, shard_path
 
 from .capture_modes import score_batch, stored_entries
 from .engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ID_STRIDE = 1 << 32  # sample ids of shard i: i * stride + j; one shard never holds 2**32 sequences
 
 
 def shard_bounds(num_sequences: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) blocks of sequence indices, sizes differing by at most one."""
     edges = np.linspace(0, num_sequences, num_shards + 1).round().astype(int)
     return [(int(edges[i]), int(edges[i + 1])) for i in range(num_shards)]
+
+
+@dataclass
+class ShardSource:
+    """Where the sequences of shard i come from; small and picklable (a Ray worker gets one).
+
+    plan: the corpus plan (file names, sizes, row counts; no contents). settings: `lm.corpus.corpus_settings`.
+    prefix: with --max-samples, the first n sequences of the corpus, cut into blocks by `shard_bounds`.
+    The tokenizer is loaded on first use from `tokenizer_dir`, in whichever process reads a shard.
+    """
+
+    plan: CorpusPlan | None
+    settings: dict
+    num_shards: int
+    tokenizer_dir: str
+    gguf_file: str | None = None
+    prefix: list[Sequence] | None = None
+    _tokenizer: object = field(default=None, repr=False)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir, self.gguf_file)
+        return self._tokenizer
+
+    def sequences(self, index: int) -> list[Sequence]:
+        """Shard `index`'s sequences, reading and tokenizing only its range of the corpus. Empty when the
+        range holds no trainable sequence (a shard of a run with more shards than documents, say); a
+        one-shard run without any is a ValueError, as for the whole corpus."""
+        if self.prefix is not None:
+            lo, hi = shard_bounds(len(self.prefix), self.num_shards)[index]
+            return self.prefix[lo:hi]
+        lo, hi = self.plan.split_range(index, self.num_shards)
+        res = load_range(
+            self.plan,
+            self.tokenizer,
+            self.settings,
+            lo=lo,
+            hi=hi,
+            first_sample_id=index * SAMPLE_ID_STRIDE,
+            allow_empty=self.num_shards > 1,
+            where=f"shard {index} of {self.num_shards}" if self.num_shards > 1 else "",
+        )
+        if not res.sequences:
+            log.warning(
+                "shard %d of %d: its range of %s holds no trainable sequence; writing an empty shard",
+                index,
+                self.num_shards,
+                self.plan.display,
+            )
+        return res.sequences
 
 
 def pending_shards(run_dir: Path, spec: RunSpec, shard_index: int | None) -> tuple[list[int], int]:
@@ -116,6 +185,12 @@ def write_shard(engine: Engine, spec: RunSpec, path: Path, seqs, batch_size: int
 
 def finalize(run_dir: Path) -> dict:
     """Check every shard is present and consistent, and write manifest.json. Names missing shards."""
+    m = build_manifest(run_dir, write=False)
+    if m.rows == 0:
+        raise ValueError(
+            f"{run_dir}: every shard is empty: no range of the corpus holds a trainable sequence "
+            f"(empty or invalid rows, or chat rows without assistant turns); check --text-field / --messages-field"
+        )
     m = build_manifest(run_dir)
     return {
         "run_dir": str(run_dir),

@@ -99,7 +99,8 @@ class Failpoint:
                     where = ", ".join(f"{k}={v}" for k, v in fields.items())
                     # Said before acting, so the test's log shows where the process went.
                     print(f"failpoint {self.name}{{{where}}}: {spec.action}", file=sys.stderr, flush=True)
-                    os.kill(os.getpid(), ACTIONS[spec.action])
+                    # raise_signal, not kill(getpid()): a test may fake getpid (PID 1 in every container)
+                    signal.raise_signal(ACTIONS[spec.action])
 
     def __repr__(self) -> str:
         return f"Failpoint({self.name!r})"

@@ -12,7 +12,11 @@ import re
 from pathlib import Path
 
 FORMAT_NAME = "label-anneal-shards"
-FORMAT_VERSION = 1
+# 2: each shard holds its own corpus range packed on its own (lm/corpus.py "Shards"); the file format is
+# that of 1, so runs of either version are read, but a run directory never mixes them (the version is in
+# the run spec and its fingerprint), and `pipeline teacher` writes 2 only.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 META_PREFIX = "label_anneal."
 RUN_SPEC = "run.json"
 MANIFEST = "manifest.json"

@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_json
+from . import failpoints
+from .atomic import atomic_write_json, remove_stale_tmp
 from .errors import ForeignShardError, IncompleteRunError, ManifestError, RunWriteError
 from .layout import MANIFEST, RUN_SPEC, SHARD_DIR, parse_shard_name, shard_name
 from .receipt import ShardReceipt, receipt_for
 from .spec import RunSpec, load_run_spec, read_json
+
+_MANIFEST_TMP = failpoints.declare("manifest.tmp_written", "manifest.json's tmp file is complete, not yet renamed")
 
 
 @dataclass
@@ -127,8 +130,13 @@ def build_manifest(run_dir: Path, *, write: bool = True) -> Manifest:
     receipts = [receipt_for(have[i], spec) for i in range(spec.num_shards)]
     manifest = Manifest(spec=spec, shards=receipts, path=run_dir / MANIFEST)
     if write:
+        # Any number of processes may finalize at once (every array task that sees the last shard, plus a
+        # `--finalize` job): each writes its own unique tmp and renames it, and the contents are equal, so
+        # readers see the old manifest or a whole new one. A finalizer killed mid-write left a tmp that
+        # nobody holds: swept here.
+        remove_stale_tmp(run_dir / MANIFEST)
         try:
-            atomic_write_json(run_dir / MANIFEST, manifest.to_dict())
+            atomic_write_json(run_dir / MANIFEST, manifest.to_dict(), before_rename=_MANIFEST_TMP)
         except OSError as e:  # the shards are intact; only the manifest is missing
             raise RunWriteError.from_os_error(
                 run_dir / MANIFEST, e, f"run `pipeline teacher --finalize {run_dir}`"

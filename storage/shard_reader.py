@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from .codec import Encoding, decode_positions
 from .errors import ForeignShardError, FormatVersionError, OpenFilesLimitError, ShardCorruptError
-from .layout import FORMAT_VERSION, META_PREFIX
+from .layout import META_PREFIX, READABLE_FORMAT_VERSIONS
 
 
 @dataclass
@@ -91,10 +91,10 @@ class ShardReader:
         }
         if "fingerprint" not in meta:
             raise ForeignShardError(f"{self.path}: not a label-anneal shard (no fingerprint in its metadata)")
-        if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+        if int(meta.get("format_version", -1)) not in READABLE_FORMAT_VERSIONS:
             raise FormatVersionError(
                 f"{self.path}: shard format version {meta.get('format_version')}, "
-                f"this label-anneal reads {FORMAT_VERSION}"
+                f"this label-anneal reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         self.fingerprint = meta["fingerprint"]
         if expect_fingerprint is not None and self.fingerprint != expect_fingerprint:

@@ -14,9 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import fsync_dir, tmp_path
+from . import failpoints
+from .atomic import TmpFile, fsync_dir, remove_stale_tmp
 from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError, RunWriteError
-from .layout import FORMAT_NAME, FORMAT_VERSION, RUN_SPEC
+from .layout import FORMAT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, RUN_SPEC
+
+_RUN_SPEC_TMP = failpoints.declare("run_spec.tmp_written", "run.json's tmp file is written, not yet linked")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class RunSpec:
     corpus: dict  # fingerprint, source, fields, packing
     seq_len: int
     num_shards: int
-    num_sequences: int
+    num_sequences: int | None  # None (version 2): each shard packs its own range; the manifest counts rows
     format_version: int = FORMAT_VERSION
 
     def identity(self) -> dict:
@@ -48,11 +51,11 @@ class RunSpec:
     def from_dict(cls, d: dict, source: Path | str = "run spec") -> "RunSpec":
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"{source}: not a label-anneal run (format={d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise FormatVersionError(
                 f"{source}: shard format version {d.get('format_version')} is not supported by this "
-                f"label-anneal (reads version {FORMAT_VERSION}); re-run `pipeline teacher` with this version "
-                f"or use the label-anneal release that wrote it"
+                f"label-anneal (reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); re-run "
+                f"`pipeline teacher` with this version or use the label-anneal release that wrote it"
             )
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in d]
@@ -115,19 +118,24 @@ def claim_run_dir(run_dir: Path, spec: RunSpec) -> RunSpec:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_SPEC
     if not path.exists():
-        tmp = tmp_path(path)
+        # A unique, locked tmp (storage.atomic): two containers that are both PID 1 never share one, and
+        # one killed here leaves litter that the next claim sweeps.
+        remove_stale_tmp(path)
+        tmp = TmpFile(path)
         try:
-            tmp.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
-            with open(tmp, "rb+") as f:
+            with os.fdopen(os.dup(tmp.fd), "w") as f:
+                f.write(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+                f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, path)  # fails if another process created it first: then compare below
+            _RUN_SPEC_TMP(path=str(path))
+            os.link(tmp.path, path)  # fails if another process created it first: then compare below
             fsync_dir(run_dir)
         except FileExistsError:
             pass
         except OSError as e:  # disk full: no half-written run.json (or its tmp) is left behind
             raise RunWriteError.from_os_error(path, e, "re-run the same command") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            tmp.discard()
     existing = load_run_spec(run_dir)
     if existing.fingerprint != spec.fingerprint:
         diffs = existing.diff(spec)

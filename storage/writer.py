@@ -1,5 +1,12 @@
-"""Write one shard atomically: row groups stream into `<shard>.<pid>.tmp`, then the receipt is
-written and the tmp file is renamed to its final name. A shard under its final name is complete."""
+"""Write one shard atomically: row groups stream into a unique, locked tmp file (`storage.atomic`), which
+is then linked to its final name if no other writer got there first, and its receipt is written. A shard
+under its final name is complete.
+
+Two writers of one shard (two pods of one Kubernetes index, a requeued SLURM task beside its straggler):
+the first to link wins; the other discards its file and returns the winner's receipt. Only the winner
+writes the receipt, after its link, so the receipt always describes the file under the final name. A
+process killed between the link and the receipt leaves a complete shard without one: `receipt_for`
+rebuilds it from the file (rows and stats from its metadata, sha256 from its bytes)."""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import failpoints
-from .atomic import atomic_write_json, commit, remove_stale_tmp, tmp_path
+from .atomic import TmpFile, atomic_write_json, link_exclusive, remove_stale_tmp
 from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
 from .errors import RunWriteError
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
@@ -23,8 +30,11 @@ ROW_GROUP_ROWS = 256
 _ROW_GROUP_WRITTEN = failpoints.declare(
     "shard.row_group_written", "row group N (1-based) of the shard is in its .tmp file; fields shard, row_group"
 )
-_RECEIPT_WRITTEN = failpoints.declare(
-    "shard.receipt_written", "the shard's .tmp file is closed and its receipt written; not yet renamed; field shard"
+_CLOSED = failpoints.declare(
+    "shard.closed", "the shard's .tmp file is complete and closed; not yet linked; field shard"
+)
+_LINKED = failpoints.declare(
+    "shard.linked", "the shard is under its final name; its receipt not yet written; field shard"
 )
 _COMMITTED = failpoints.declare("shard.committed", "the shard is under its final name; field shard")
 
@@ -91,7 +101,9 @@ class ShardWriter:
             raise ValueError("sampled labels need ids=plain: their draw counts are stored in entry order")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.path)
-        self.tmp = tmp_path(self.path)
+        remove_stale_tmp(receipt_path(self.path))  # a receipt write killed half-way (never read either way)
+        self._tmp = TmpFile(self.path)  # locked until the end: no other writer's sweep removes it
+        self.tmp = self._tmp.path
         self._meta = {
             "format_version": str(FORMAT_VERSION),
             "fingerprint": fingerprint,
@@ -110,6 +122,7 @@ class ShardWriter:
         self.topk_mass_sum = 0.0
         self._last_sample_id = None
         self._row_groups = 0
+        self.lost_race = False  # True when another writer linked this shard first (close returns its receipt)
 
     def add(
         self,
@@ -228,32 +241,32 @@ class ShardWriter:
             schema=self.schema,
         )
         if self._writer is None:
-            split_cols = [
-                c
-                for c in ("topk_logprobs", "tail_logprob")
-                if pa.types.is_floating(self.schema.field(c).type.value_type)
-            ]
-            if self.encoding.ids_byte_stream_split:
-                split_cols.append("topk_ids")
-            self._writer = pq.ParquetWriter(
-                self.tmp,
-                self.schema,
-                compression="zstd",
-                compression_level=self.encoding.zstd_level,
-                # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
-                use_dictionary=False,
-                # Integer BYTE_STREAM_SPLIT needs Parquet 2.11 readers (pyarrow >= 16); see Encoding.
-                use_byte_stream_split=[f"{c}.list.element" for c in split_cols] or False,
-                write_statistics=["sample_id"],
-            )
+            self._open_writer()
         self._writer.write_table(table, row_group_size=len(sid))
         self._row_groups += 1
         _ROW_GROUP_WRITTEN(shard=self.index, row_group=self._row_groups)
 
+    def _open_writer(self) -> None:
+        split_cols = [
+            c for c in ("topk_logprobs", "tail_logprob") if pa.types.is_floating(self.schema.field(c).type.value_type)
+        ]
+        if self.encoding.ids_byte_stream_split:
+            split_cols.append("topk_ids")
+        self._writer = pq.ParquetWriter(
+            self.tmp,
+            self.schema,
+            compression="zstd",
+            compression_level=self.encoding.zstd_level,
+            # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
+            use_dictionary=False,
+            # Integer BYTE_STREAM_SPLIT needs Parquet 2.11 readers (pyarrow >= 16); see Encoding.
+            use_byte_stream_split=[f"{c}.list.element" for c in split_cols] or False,
+            write_statistics=["sample_id"],
+        )
+
     def close(self) -> ShardReceipt:
-        """Finish the file, write its receipt, and rename it into place. Returns the receipt."""
-        if self.rows == 0:
-            raise ValueError(f"{self.path.name}: refusing to write an empty shard")
+        """Finish the file, link it into place (first writer wins) and write its receipt. Returns the
+        receipt of the shard under the final name (another writer's, when that one won)."""
         stats = {
             "rows": self.rows,
             "tokens": self.tokens,
@@ -262,6 +275,8 @@ class ShardWriter:
         }
         try:
             self._flush()
+            if self._writer is None:  # an empty shard: its corpus range held no trainable sequence
+                self._open_writer()
             self._writer.add_key_value_metadata({META_PREFIX + "stats": json.dumps(stats)})
             self._writer.close()
             self._writer = None
@@ -277,14 +292,42 @@ class ShardWriter:
                 sha256=sha256_file(self.tmp),
                 fingerprint=self.fingerprint,
             )
-            # Receipt first, then the shard: a shard under its final name always has a receipt.
+            _CLOSED(shard=self.index)
+            won = link_exclusive(self.tmp, self.path)
+            self._tmp.close()
+            if not won:
+                self.lost_race = True
+                return self._winners_receipt()
+            _LINKED(shard=self.index)
             atomic_write_json(receipt_path(self.path), receipt.to_dict())
-            _RECEIPT_WRITTEN(shard=self.index)
-            commit(self.tmp, self.path)
         except OSError as e:
             raise self._write_error(e) from e
         _COMMITTED(shard=self.index)
         return receipt
+
+    def _winners_receipt(self) -> ShardReceipt:
+        """The receipt of the shard another writer linked first: from its receipt file once written, else
+        from the file itself (the winner may still be between its link and its receipt)."""
+        rpath = receipt_path(self.path)
+        size = os.path.getsize(self.path)
+        if rpath.exists():
+            try:
+                r = ShardReceipt.from_dict(json.loads(rpath.read_text()))
+                if r.bytes == size and r.fingerprint == self.fingerprint:
+                    return r
+            except (ValueError, KeyError, TypeError):
+                pass
+        meta = pq.ParquetFile(self.path).metadata.metadata or {}
+        stats = json.loads(meta[(META_PREFIX + "stats").encode()])
+        return ShardReceipt(
+            name=self.path.name,
+            index=self.index,
+            num_shards=self.num_shards,
+            bytes=size,
+            sha256=sha256_file(self.path),
+            fingerprint=self.fingerprint,
+            **stats,
+        )
 
     def _write_error(self, e: OSError) -> RunWriteError:
         return RunWriteError.from_os_error(
@@ -298,7 +341,7 @@ class ShardWriter:
             except Exception:
                 pass
             self._writer = None
-        self.tmp.unlink(missing_ok=True)
+        self._tmp.discard()
 
     def __enter__(self):
         return self

@@ -53,7 +53,17 @@ def test_text_run_matches_independent_log_softmax(tmp_path, tiny_model_dir, tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     bound = Encoding.parse(encoding).logprob_error_bound()
     reader = RunReader(out)
-    assert [r.sample_id for r in reader] == list(range(len(reader)))
+    rows = list(reader)
+    # Each shard packs its own corpus range: ids i * 2**32 + j, and the shards' tokens in order are the
+    # document stream of the whole corpus (each document's tokens + EOS), cut at every shard boundary.
+    by_shard = {}
+    for r in rows:
+        by_shard.setdefault(r.sample_id >> 32, []).append(r.sample_id & 0xFFFFFFFF)
+    assert sorted(by_shard) == [0, 1, 2] and all(v == list(range(len(v))) for v in by_shard.values())
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [r["text"] for r in map(json.loads, (tiny_corpus_dir / "text.jsonl").read_text().splitlines())]
+    stream = [t for x in texts if isinstance(x, str) and x.strip() for t in tok(x)["input_ids"] + [tok.eos_token_id]]
+    np.testing.assert_array_equal(np.concatenate([r.input_ids for r in rows]), stream)
     for row in reader:
         ids, lp, tail = reference_topk(model, row.input_ids, 16)
         m = row.label_mask
@@ -353,3 +363,32 @@ def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mod
     )
     m = [json.loads(l) for l in (tmp_path / f"s_{mode}" / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 2 and all(np.isfinite([r["ce"], r["kl"], r["total"]]).all() for r in m)
+
+
+def test_more_shards_than_documents_and_the_model_found_from_anywhere(tmp_path, tiny_model_dir, monkeypatch):
+    """A range that holds no document gives an empty shard (the run still finalizes and trains), and a model
+    given by a relative path is recorded absolute: stage 2, launched from elsewhere, finds it as its student."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello world", "rain fell", "a student"]))
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cli(
+        "teacher",
+        *("--model", tiny_model_dir.name, "--data", data, "--out", tmp_path / "run"),
+        *("--num-shards", 8, "--seq-len", 16, "--capture", "topk", "--top-k", 4),
+    )
+    spec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert spec["teacher"]["name_or_path"] == str(tiny_model_dir.resolve()) and spec["format_version"] == 2
+    rows = [s["rows"] for s in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]]
+    assert sum(rows) == 3 and rows.count(0) == 5
+    monkeypatch.chdir(tmp_path)
+    res = cli("student", "--run-dir", "run", "--out", "s", "--max-steps", 1, "--batch-size", 1)
+    assert (tmp_path / "s" / "model" / "config.json").exists(), res.output
+
+
+def test_a_hub_model_is_recorded_with_its_revision(tmp_path):
+    from stage1_teacher.prepare import model_record
+
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    assert model_record("org/tiny", snap) == {"name_or_path": "org/tiny", "revision": "0123abcd"}
+    assert model_record(str(snap), snap) == {"name_or_path": str(snap.resolve())}

@@ -26,7 +26,8 @@ ROW_GROUP_ROWS = 4
 # row groups), one sequence per engine call.
 TEACHER_SHARDS = 6
 
-SHARD_TMP_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet\.\d+\.tmp$")
+# <shard>.<host>.<pid>.<random>.tmp (storage.atomic.tmp_path); not a receipt's tmp (<shard>.receipt.json...)
+SHARD_TMP_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet\.(?!receipt\.)[^.]+\.\d+\.[0-9a-f]+\.tmp$")
 
 # The spawned process sets the same row-group size, then runs `pipeline` exactly as the console script does.
 _LAUNCH = (

@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_chat_rows, tiny_text_rows
 from transformers import AutoTokenizer
 
-from lm.corpus import Sequence, load_sequences
+from lm.corpus import Sequence, corpus_settings, load_range, load_sequences, plan_corpus
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,105 @@ def test_conversations_the_template_refuses_are_skipped(tiny_tokenizer_dir, capl
         r = load_sequences(rows, tok, seq_len=512, pack=False, messages_field="messages")
     assert r.skipped == 1 and r.skipped_rows == [0] and len(r.sequences) == 3
     assert "no system turns" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+def _split_corpus(tmp_path, texts, files=3):
+    """JSON-lines files of `texts` (some long, so lines cross many range boundaries)."""
+    d = tmp_path / "split"
+    d.mkdir()
+    per = -(-len(texts) // files)
+    for f in range(files):
+        _write_jsonl(d / f"part-{f}.jsonl", [{"text": t} for t in texts[f * per : (f + 1) * per]])
+    return d
+
+
+def _texts(n=120):
+    base = _valid_texts()
+    return [(" ".join(base[(i + j) % len(base)] for j in range(1 + i % 7))) for i in range(n)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 17, 64])
+def test_ranges_partition_the_rows_exactly(tmp_path, count):
+    """Every row belongs to exactly one shard's range, in corpus order, for JSON lines and parquet alike."""
+    texts = _texts()
+    jsonl = _split_corpus(tmp_path, texts)
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    for f in range(3):
+        pq.write_table(pa.table({"text": texts[f * 40 : (f + 1) * 40]}), pq_dir / f"p{f}.parquet", row_group_size=7)
+    for data in (jsonl, pq_dir):
+        plan = plan_corpus(data)
+        got = []
+        for i in range(count):
+            got += list(plan.values("text", *plan.split_range(i, count)))
+        assert got == texts, data
+
+
+def test_a_shard_reads_only_its_own_range(tmp_path, tok, monkeypatch):
+    """Shard 5 of 64 reads about 1/64 of the bytes (its range, the end of its last line, and each file's
+    4 KiB head and tail for the identity) and tokenizes only its rows; its packed sequences are the
+    tokens of exactly those rows."""
+    texts = _texts(2000)
+    data = _split_corpus(tmp_path, texts, files=2)
+    total = sum(p.stat().st_size for p in data.iterdir())
+    read = {"bytes": 0}
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def read(self, *a):
+            b = self.f.read(*a)
+            read["bytes"] += len(b)
+            return b
+
+        def readline(self, *a):
+            b = self.f.readline(*a)
+            read["bytes"] += len(b)
+            return b
+
+    monkeypatch.setattr("builtins.open", lambda *a, **kw: Counting(real_open(*a, **kw)))
+    encoded = {"rows": 0}
+    real_call = type(tok).__call__
+
+    def counting_call(self, text, *a, **kw):
+        encoded["rows"] += len(text) if isinstance(text, list) else 1
+        return real_call(self, text, *a, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", counting_call)
+    plan = plan_corpus(data)
+    planned = read["bytes"]
+    assert planned <= 2 * 2 * 4096 + 2 * (1 << 16), "planning reads heads and tails, not the files"
+    settings = corpus_settings(tok, seq_len=64)
+    lo, hi = plan.split_range(5, 64)
+    r = load_range(plan, tok, settings, lo=lo, hi=hi, first_sample_id=7 << 32, allow_empty=True)
+    longest = max(len(json.dumps({"text": t})) + 1 for t in texts)
+    assert read["bytes"] - planned <= (hi - lo) + 2 * longest, (read["bytes"] - planned, total)
+    monkeypatch.undo()
+    mine = list(plan.values("text", lo, hi))
+    assert encoded["rows"] == len(mine) and 0 < len(mine) < len(texts) / 32
+    stream = np.concatenate([s.input_ids for s in r.sequences])
+    np.testing.assert_array_equal(stream, _doc_stream(tok, mine))
+    assert [s.sample_id for s in r.sequences] == [(7 << 32) + j for j in range(len(r.sequences))]
+
+
+def test_plan_identity_is_cheap_and_tracks_the_files(tmp_path):
+    texts = _texts()
+    data = _split_corpus(tmp_path, texts)
+    a = plan_corpus(data).identity
+    assert a == plan_corpus(data).identity
+    (data / "part-1.jsonl").write_text((data / "part-1.jsonl").read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert plan_corpus(data).identity != a
