@@ -589,7 +589,7 @@ def main(argv=None) -> int:
                 )
                 _, corp, _, _ = prepare(cfg)
                 ids_path = work / "ids.npy"
-                np.save(ids_path, np.stack([s.input_ids for s in corp.sequences]).astype(np.int32))
+                np.save(ids_path, np.stack([s.input_ids for s in corp.sequences(0)]).astype(np.int32))
                 result["vllm"] = {
                     "version": why,
                     "results": bench_vllm(models[-1][1], ids_path, dtypes, args.k, rep_vllm, args.batch_size, work),
