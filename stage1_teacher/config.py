@@ -61,7 +61,8 @@ class TeacherConfig:
         default=None,
         metadata={
             "help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for "
-            "hybrid); default 32. Under --capture auto, giving it selects topk."
+            "hybrid). Under --capture auto, giving it selects topk.",
+            "default_text": MODE_OPTION_DEFAULTS["top_k"],
         },
     )
     capture: str = field(
@@ -76,14 +77,24 @@ class TeacherConfig:
     )
     top_p: float | None = field(
         default=None,
-        metadata={"help": "topp: keep the smallest prefix holding this much teacher mass; default 0.99."},
+        metadata={
+            "help": "topp: keep the smallest prefix holding this much teacher mass.",
+            "default_text": MODE_OPTION_DEFAULTS["top_p"],
+        },
     )
     min_k: int | None = field(
-        default=None, metadata={"help": "topp: at least this many entries per position; default 4."}
+        default=None,
+        metadata={
+            "help": "topp: at least this many entries per position.",
+            "default_text": MODE_OPTION_DEFAULTS["min_k"],
+        },
     )
     draws: int | None = field(
         default=None,
-        metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail); default 32."},
+        metadata={
+            "help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail).",
+            "default_text": MODE_OPTION_DEFAULTS["draws"],
+        },
     )
     seed: int = field(
         default=0,

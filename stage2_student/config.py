@@ -450,7 +450,11 @@ class SweepConfig:
         default=None, metadata={"help": "Comma-separated EWC coefficients (baseline, λ=0, first lr)."}
     )
     replay_ratios: str | None = field(
-        default=None, metadata={"help": "Comma-separated replay ratios (baseline, λ=0, first lr; needs --replay-data)."}
+        default=None,
+        metadata={
+            "help": "Comma-separated replay ratios, each the share of trained positions that are replay "
+            "(baseline, λ=0, first lr; needs --replay-data)."
+        },
     )
     merge_alphas: str | None = field(
         default=None, metadata={"help": "Comma-separated WiSE-FT α: base + α·(λ=0 model − base), per lr."}
