@@ -511,3 +511,15 @@ def test_ddp_with_replay_equals_one_process(tmp_path, tiny_run, tiny_corpus_dir)
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sample", "hybrid"])
+def test_ewc_trains_on_sampled_runs(tmp_path, sampled_runs, mode):
+    """The Fisher's labels come from the draws (counts / N; hybrid: head + tail draws): EWC works on every run."""
+    out = tmp_path / mode
+    cli(
+        "student", "--run-dir", sampled_runs[mode], "--out", out, "--kl-weight", 0, "--ewc", 10, "--ewc-sequences", 2,
+        "--max-steps", 2, "--batch-size", 2, "--lr", 1e-2, "--verify", "size", "--no-save-model",
+    )  # fmt: skip
+    m = _metrics(out)
+    assert all(np.isfinite(r["anchor_penalty"]) and r["anchor_penalty"] > 0 for r in m), m  # logged after each update
