@@ -67,8 +67,8 @@ def options_from(config_cls, *, skip: tuple[str, ...] = ()):
                 continue
             name = "--" + fld.name.replace("_", "-")
             help_ = fld.metadata.get("help", "")
-            if fld.default is not dataclasses.MISSING:
-                help_ += f"  [default: {fld.default}]"
+            if fld.default is not dataclasses.MISSING:  # `default_text`: what an unset (None) option stands for
+                help_ += f"  [default: {fld.metadata.get('default_text', fld.default)}]"
             else:
                 help_ += "  [required]"
             if hints[fld.name] is bool:

@@ -17,6 +17,23 @@ def _one_of(names) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
+# Defaults of the mode options. They are None in the dataclass so that an option the user GAVE can be told from
+# one left at its default: under --capture auto an explicit --top-k / --top-p / --draws picks the mode, and an
+# option the chosen mode would ignore is an error instead of being dropped silently.
+MODE_OPTION_DEFAULTS = {"top_k": 32, "top_p": 0.99, "min_k": 4, "draws": 32}
+# The modes each option means something for (an option given with another mode is refused).
+MODE_OPTION_USERS = {
+    "top_k": ("topk", "topp", "hybrid"),
+    "top_p": ("topp",),
+    "min_k": ("topp",),
+    "draws": ("sample", "hybrid"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _env_shard_index() -> int | None:
     # SLURM array jobs and Kubernetes Indexed Jobs say which work unit this process is.
     for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
@@ -40,27 +57,44 @@ class TeacherConfig:
         metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."}
     )
     out: Path = field(metadata={"help": "Run directory to create or resume."})
-    top_k: int = field(
-        default=32,
+    top_k: int | None = field(
+        default=None,
         metadata={
-            "help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for hybrid)."
+            "help": "Teacher log-probs kept per trained position (topk; the cap for topp; the exact head for "
+            "hybrid). Under --capture auto, giving it selects topk.",
+            "default_text": MODE_OPTION_DEFAULTS["top_k"],
         },
     )
     capture: str = field(
         default="auto",
         metadata={
             "help": "What to store per position: auto (default: sample with the hf engine, topk with vLLM, which "
-            "cannot draw; the best retention per byte each engine allows, bench/RESULTS.md) | "
+            "cannot draw; the best retention per byte each engine allows, bench/RESULTS.md; an explicit --top-k "
+            "selects topk, --top-p / --min-k topp, --draws sample) | "
             + " | ".join(f"{m.name} ({m.help})" for m in MODES.values())
             + ". See storage/capture.py."
         },
     )
-    top_p: float = field(
-        default=0.99, metadata={"help": "topp: keep the smallest prefix holding this much teacher mass."}
+    top_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "topp: keep the smallest prefix holding this much teacher mass.",
+            "default_text": MODE_OPTION_DEFAULTS["top_p"],
+        },
     )
-    min_k: int = field(default=4, metadata={"help": "topp: at least this many entries per position."})
-    draws: int = field(
-        default=32, metadata={"help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail)."}
+    min_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "topp: at least this many entries per position.",
+            "default_text": MODE_OPTION_DEFAULTS["min_k"],
+        },
+    )
+    draws: int | None = field(
+        default=None,
+        metadata={
+            "help": "sample / hybrid: draws per position from the teacher (hybrid: from its tail).",
+            "default_text": MODE_OPTION_DEFAULTS["draws"],
+        },
     )
     seed: int = field(
         default=0,
@@ -133,19 +167,23 @@ class TeacherConfig:
             object.__setattr__(self, "shard_index", _env_shard_index())
         object.__setattr__(self, "out", Path(self.out))
         problems = []
-        if self.top_k < 1:
-            problems.append(f"top_k={self.top_k}: must be >= 1")
+        top_k, top_p, min_k, draws = (self.mode_settings()[n] for n in ("top_k", "top_p", "min_k", "draws"))
+        if top_k < 1:
+            problems.append(f"top_k={top_k}: must be >= 1")
         if self.capture != "auto" and self.capture not in MODES:
             problems.append(f"capture={self.capture!r}: choose {_one_of(['auto', *MODES])}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.capture == "topp" and not 1 <= self.min_k <= self.top_k:  # topp's own option
-            problems.append(f"min_k={self.min_k}: must be in 1..top_k ({self.top_k}) (top-k is the cap of topp)")
-        if not 1 <= self.draws <= 65535:
-            problems.append(f"draws={self.draws}: must be in 1..65535")
-        if self.capture in MODES and mode_of({"mode": self.capture}).sampled and self.engine == "vllm":
+        if not 0 < top_p <= 1:
+            problems.append(f"top_p={top_p}: must be in (0, 1]")
+        if not 1 <= draws <= 65535:
+            problems.append(f"draws={draws}: must be in 1..65535")
+        problems += self._mode_option_problems()
+        chosen = self.explicit_capture()
+        if chosen == "topp" and not 1 <= min_k <= top_k:  # topp's own option
+            problems.append(f"min_k={min_k}: must be in 1..top_k ({top_k}) (top-k is the cap of topp)")
+        if chosen in MODES and mode_of({"mode": chosen}).sampled and self.engine == "vllm":
             problems.append(
-                f"capture={self.capture} draws from the full distribution, which vLLM does not return; use --engine hf"
+                f"capture={chosen}{' (selected by --draws)' if self.capture == 'auto' else ''} draws from the full "
+                f"distribution, which vLLM does not return; use --engine hf"
             )
         if self.seq_len < 2:
             problems.append(f"seq_len={self.seq_len}: must be >= 2")
@@ -178,12 +216,51 @@ class TeacherConfig:
         if problems:
             raise ValueError("invalid teacher config:\n  " + "\n  ".join(problems))
 
-    def resolved_capture(self, engine: str) -> str:
-        """The capture mode for a resolved engine name: `auto` becomes sample where the engine can draw
-        from the full distribution (hf) and topk where it cannot (vllm returns only the top log-probs)."""
+    def _given(self) -> list[str]:
+        return [n for n in MODE_OPTION_DEFAULTS if getattr(self, n) is not None]
+
+    def explicit_capture(self) -> str | None:
+        """The mode the options name without knowing the engine: --capture itself, or under auto the mode an
+        explicit --top-k (topk), --top-p / --min-k (topp) or --draws (sample) selects; None for a plain auto."""
         if self.capture != "auto":
             return self.capture
-        return "sample" if engine == "hf" else "topk"
+        given = set(self._given())
+        if given & {"top_p", "min_k"}:
+            return "topp"
+        if "top_k" in given:
+            return "topk"
+        if "draws" in given:
+            return "sample"
+        return None
+
+    def _mode_option_problems(self) -> list[str]:
+        given = self._given()
+        if self.capture == "auto":
+            if "draws" in given and len(given) > 1:
+                other = " / ".join(_flag(n) for n in given if n != "draws")
+                return [
+                    f"{other} together with --draws under --capture auto: say which mode you mean, e.g. "
+                    f"--capture hybrid (the exact top --top-k + --draws draws from the tail) or --capture sample"
+                ]
+            return []
+        if self.capture not in MODES:
+            return []
+        return [
+            f"{_flag(n)} has no effect with --capture {self.capture}: drop it, or use "
+            + " / ".join(f"--capture {m}" for m in MODE_OPTION_USERS[n])
+            for n in given
+            if self.capture not in MODE_OPTION_USERS[n]
+        ]
+
+    def mode_settings(self) -> dict:
+        """top_k, top_p, min_k, draws: the values given, else their defaults (MODE_OPTION_DEFAULTS)."""
+        return {n: d if getattr(self, n) is None else getattr(self, n) for n, d in MODE_OPTION_DEFAULTS.items()}
+
+    def resolved_capture(self, engine: str) -> str:
+        """The capture mode for a resolved engine name: the explicit one (`explicit_capture`), else `auto` becomes
+        sample where the engine can draw from the full distribution (hf) and topk where it cannot (vllm returns
+        only the top log-probs)."""
+        return self.explicit_capture() or ("sample" if engine == "hf" else "topk")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -69,17 +69,14 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     mode = mode_of({"mode": config.resolved_capture(engine)})
     if mode.name != config.capture:
         log.info("--capture auto: %s with the %s engine", mode.name, engine)
-    fields = mode.spec_fields(
-        top_k=config.top_k, top_p=config.top_p, min_k=config.min_k, draws=config.draws, seed=config.seed
-    )
+    s = config.mode_settings()  # top_k, top_p, min_k, draws: given or default
+    fields = mode.spec_fields(seed=config.seed, **s)
     vocab_size, max_pos = model_limits(model_dir, config.gguf_file)
     problems = []
-    if config.top_k > vocab_size:
-        problems.append(f"--top-k {config.top_k} is larger than the teacher's vocabulary ({vocab_size})")
-    elif fields.get("head_k") and config.top_k + config.draws > vocab_size:
-        problems.append(
-            f"--top-k {config.top_k} + --draws {config.draws} exceed the teacher's vocabulary ({vocab_size})"
-        )
+    if s["top_k"] > vocab_size and mode.name != "sample":  # sample mode does not use --top-k
+        problems.append(f"--top-k {s['top_k']} is larger than the teacher's vocabulary ({vocab_size})")
+    elif fields.get("head_k") and s["top_k"] + s["draws"] > vocab_size:
+        problems.append(f"--top-k {s['top_k']} + --draws {s['draws']} exceed the teacher's vocabulary ({vocab_size})")
     if max_pos is not None and config.seq_len > max_pos:
         problems.append(f"--seq-len {config.seq_len} exceeds the teacher's context ({max_pos} positions)")
     if problems:
@@ -129,7 +126,7 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
         teacher={**identity, "dtype": dtype},
         tokenizer=tokenizer_fingerprint(tokenizer),
         vocab_size=vocab_size,
-        k=mode.stored_width(config.top_k, config.draws),
+        k=mode.stored_width(s["top_k"], s["draws"]),
         encoding=encoding.to_dict(),
         capture={"mode": mode.name, "engine": engine, "dtype": dtype, **fields},
         corpus={**corpus, "source": str(config.data), **settings},

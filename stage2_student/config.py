@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage import mode_of
+
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -51,13 +53,17 @@ class StudentConfig:
         },
     )
     divergence: str = field(
-        default="forward", metadata={"help": "forward KL(teacher‖student) | reverse | jsd, on the top-k+tail support."}
+        default="forward",
+        metadata={
+            "help": "forward KL(teacher‖student) | reverse | jsd, on the top-k+tail support. reverse and jsd need "
+            "a topk / topp run (sampled labels give undrawn tokens no teacher probability)."
+        },
     )
     kd_temperature: float = field(
         default=1.0,
         metadata={
-            "help": "Distillation temperature applied in the loss "
-            "(approximate over top-k + tail; see stage2_student/losses)."
+            "help": "Distillation temperature applied in the loss (approximate over top-k + tail; see "
+            "stage2_student/losses). Only 1 with a sample / hybrid run (tempered draw counts are biased)."
         },
     )
     loss_form: str = field(default="add", metadata={"help": "add: CE + λ·KL | mix: (1−λ)·CE + λ·KL."})
@@ -69,9 +75,19 @@ class StudentConfig:
     )
     ewc: float = field(
         default=0.0,
-        metadata={"help": "Baseline EWC: (c/2)·Σ F·(θ − θ0)² with a diagonal Fisher of the base model (0 = off)."},
+        metadata={
+            "help": "Baseline EWC: (c/2)·Σ F·(θ − θ0)² with F the base model's diagonal Fisher per trained token "
+            "(the expected squared score, estimated from the stored labels; 0 = off)."
+        },
     )
     ewc_sequences: int = field(default=16, metadata={"help": "Stored sequences used to estimate the EWC Fisher."})
+    ewc_sign_draws: int = field(
+        default=1,
+        metadata={
+            "help": "Backward passes per Fisher sequence (independent random signs); more lowers the estimate's "
+            "variance (relative std ≈ √(2 / (sequences · draws)) per parameter)."
+        },
+    )
     replay_data: str | None = field(
         default=None,
         metadata={
@@ -80,7 +96,10 @@ class StudentConfig:
     )
     replay_ratio: float = field(
         default=0.0,
-        metadata={"help": "Fraction of each micro-batch's sequences that are replay (added on top of --batch-size)."},
+        metadata={
+            "help": "Share of the trained POSITIONS (labelled + replay) that are replay, over the run: whole replay "
+            "sequences (CE only) are added on top of --batch-size whenever the running share falls below it."
+        },
     )
     replay_text_field: str = field(default="text", metadata={"help": "Column of --replay-data holding text."})
     teacher_online: str | None = field(
@@ -196,6 +215,8 @@ class StudentConfig:
                 p.append(f"{name}={v}: must be a finite number >= 0")
         if self.ewc_sequences < 1:
             p.append(f"ewc_sequences={self.ewc_sequences}: must be >= 1")
+        if self.ewc_sign_draws < 1:
+            p.append(f"ewc_sign_draws={self.ewc_sign_draws}: must be >= 1")
         if not 0 <= self.replay_ratio < 1:
             p.append(f"replay_ratio={self.replay_ratio}: must be in [0, 1)")
         if self.replay_ratio > 0 and not self.replay_data:
@@ -216,11 +237,40 @@ class StudentConfig:
         d["run_dir"], d["out"] = str(self.run_dir), str(self.out)
         return d
 
-    def replay_per_micro_batch(self) -> int:
-        """Replay sequences added to each micro-batch so that they make up `replay_ratio` of it."""
-        if self.replay_ratio <= 0:
-            return 0
-        return max(1, round(self.batch_size * self.replay_ratio / (1 - self.replay_ratio)))
+    def run_problems(self, capture: dict) -> list[str]:
+        """What this config cannot do with a run captured as `capture` (run.json's capture dict); each problem
+        names the option as typed, the capture mode and what to use instead. Empty when the combination is
+        supported (README, "Which stage-2 options each capture mode supports")."""
+        mode = mode_of(capture)
+        if not mode.sampled or self.teacher_online:  # the online teacher replaces the stored labels in the KL
+            return []
+        how = f"a run captured as {mode.name} (draws from the teacher)"
+        p = []
+        if self.divergence != "forward":
+            p.append(
+                f"--divergence {self.divergence} with {how}: an undrawn token has no stored teacher probability, so "
+                f"{'the reverse KL' if self.divergence == 'reverse' else 'the JSD'} would charge it as impossible "
+                f"(a biased loss and gradient). Use --divergence forward (unbiased with sampled labels), or capture "
+                f"the run with --capture topk (or topp) for reverse KL / JSD"
+            )
+        if self.kd_temperature != 1.0:
+            p.append(
+                f"--kd-temperature {self.kd_temperature:g} with {how}: tempering the empirical draw counts is biased "
+                f"(E[softmax(log(c/N)/τ)] ≠ softmax(log p/τ)). Use --kd-temperature 1 with this run, or capture with "
+                f"--capture topk for a tempered loss (approximate over the top k + tail), or --teacher-online (exact)"
+            )
+        if self.kl_tail != "bucket":
+            p.append(
+                f"--kl-tail {self.kl_tail} with {how}: renormalising the student over the drawn ids (a random "
+                f"support) biases the gradient. Use --kl-tail bucket (the default) with sampled labels"
+            )
+        return p
+
+    def check_run(self, capture: dict, run_dir: Path | str) -> None:
+        """ValueError listing `run_problems`, before any work starts."""
+        p = self.run_problems(capture)
+        if p:
+            raise ValueError(f"invalid student config for the run in {run_dir}:\n  " + "\n  ".join(p))
 
     def replace(self, **kw) -> "StudentConfig":
         return dataclasses.replace(self, **kw)
@@ -432,7 +482,11 @@ class SweepConfig:
         default=None, metadata={"help": "Comma-separated EWC coefficients (baseline, λ=0, first lr)."}
     )
     replay_ratios: str | None = field(
-        default=None, metadata={"help": "Comma-separated replay ratios (baseline, λ=0, first lr; needs --replay-data)."}
+        default=None,
+        metadata={
+            "help": "Comma-separated replay ratios, each the share of trained positions that are replay "
+            "(baseline, λ=0, first lr; needs --replay-data)."
+        },
     )
     merge_alphas: str | None = field(
         default=None, metadata={"help": "Comma-separated WiSE-FT α: base + α·(λ=0 model − base), per lr."}

@@ -30,16 +30,23 @@ def run(config: SweepConfig) -> dict:
     spec = load_manifest(config.run_dir).spec
     base_name = config.student.get("model") or spec.teacher["name_or_path"]
     base_gguf = config.student.get("gguf_file") if config.student.get("model") else spec.teacher.get("gguf_file")
+    plan = [
+        (name, StudentConfig(run_dir=config.run_dir, out=config.out / "runs" / name, **overrides), desc)
+        for name, overrides, desc in config.plan()
+    ]
+    # Every student's options against the run's capture mode, before the first one trains.
+    problems = list(dict.fromkeys(p for _, student, _ in plan for p in student.run_problems(spec.capture)))
+    if problems:
+        raise ValueError(f"invalid sweep for the run in {config.run_dir}:\n  " + "\n  ".join(problems))
     config.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {"base": {"method": "base", "model": base_name}}
     models: dict[str, str] = {}
-    for name, overrides, desc in config.plan():
-        out = config.out / "runs" / name
+    for name, student, desc in plan:
+        out = student.out
         if (out / "model" / "config.json").exists():
             log.info("sweep: %s already trained, skipping", name)
         else:
-            resume = (out / "checkpoints").exists()
-            summary = train.run(StudentConfig(run_dir=config.run_dir, out=out, resume=resume, **overrides))
+            summary = train.run(student.replace(resume=(out / "checkpoints").exists()))
             log.info(train.summary_line(summary))
         models[name] = str(out / "model")
         rows[name] = {**desc, "model": str(out / "model")}

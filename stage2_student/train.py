@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -33,7 +33,7 @@ from lm.corpus import load_sequences
 from lm.loading import load_causal_lm, load_tokenizer
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.run_reader import RunReader
-from storage.spec import RunSpec
+from storage.spec import RunSpec, load_run_spec
 
 from . import checkpoint as ckpt
 from .batch import collate_labels, pad_inputs
@@ -51,7 +51,7 @@ from .losses import (
     topk_reverse_kl_sum,
 )
 from .model_io import check_student, save_hf
-from .regularizers import AnchorPenalty, ReplayStream, estimate_fisher
+from .regularizers import AnchorPenalty, ReplayMixer, ReplayStream, estimate_fisher, replay_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ _RESUME_KEYS = (
     "l2_init",
     "ewc",
     "ewc_sequences",
+    "ewc_sign_draws",
     "replay_data",
     "replay_ratio",
     "kl_weight",
@@ -94,6 +95,16 @@ def lr_factor(step: int, total: int, config: StudentConfig) -> float:
 # ------------------------------------------------------------------------------------------- one step
 
 
+class StepSums(NamedTuple):
+    """What `accumulate_gradients` returns: this process's sums over one optimizer step, and the global counts."""
+
+    ce: torch.Tensor  # Σ CE over labelled positions
+    kl: torch.Tensor  # Σ logged KL (`loss_sums`: comparable across capture modes)
+    replay_ce: torch.Tensor  # Σ CE over replay positions
+    counts: list  # [global labelled positions, global replay positions]
+    objective: torch.Tensor  # Σ of the optimised loss (w_ce·CE + w_kl·KL + replay CE), before the division
+
+
 def loss_sums(
     config: StudentConfig,
     logits_or_hidden: torch.Tensor,
@@ -102,16 +113,19 @@ def loss_sums(
     head: FusedHead | None = None,
 ):
     """(total, ce, kl) sums over the micro-batch's trained positions; only total carries a gradient.
-    With `teacher_logits` (the online reference) the KL is the exact full-vocabulary one. With `head`,
+    With `teacher_logits` (the online reference) the KL is the exact full-vocabulary one. The returned kl is the
+    LOGGED one: the loss's KL plus the batch's `kl_offset` where the target is sampled (an unbiased estimate of
+    KL(teacher‖student), `batch.with_kl_target_weights`); total is the optimised objective either way. With `head`,
     `logits_or_hidden` holds the final hidden states (B, T, H) and the lm_head runs inside the loss; otherwise
     it holds the logits (B, T, V). The KL target is `topk_ids` / `topk_logprobs` / `tail_logprob` as
     `batch.with_kl_target_weights` left them."""
     mask = batch["label_mask"]
     labels = batch["labels"][mask]  # (N,)
     w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
+    offset = batch["kl_offset"].sum() if "kl_offset" in batch else 0.0
     if head is not None:
         hidden = logits_or_hidden[:, :-1][mask]  # (N, H)
-        return fused_head_ce_kl_sums(
+        total, ce, kl = fused_head_ce_kl_sums(
             hidden,
             head.weight,
             labels,
@@ -125,6 +139,7 @@ def loss_sums(
             kd_temperature=config.kd_temperature,
             chunk_size=config.chunk_size,
         )
+        return total, ce, kl + offset
     z = logits_or_hidden[:, :-1][mask]  # (N, V)
     if teacher_logits is not None:
         tau = config.kd_temperature
@@ -134,7 +149,7 @@ def loss_sums(
         return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
     args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
     if config.divergence == "forward":
-        return fused_ce_kl_sums(
+        total, ce, kl = fused_ce_kl_sums(
             z,
             labels,
             *args,
@@ -144,10 +159,11 @@ def loss_sums(
             kd_temperature=config.kd_temperature,
             chunk_size=config.chunk_size,
         )
+        return total, ce, kl + offset
     div = topk_reverse_kl_sum if config.divergence == "reverse" else topk_jsd_sum
     ce = ce_sum(z, labels)
     kl = div(z, *args, tail=config.kl_tail, kd_temperature=config.kd_temperature)
-    return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()
+    return w_ce * ce + w_kl * kl, ce.detach(), kl.detach() + offset
 
 
 def accumulate_gradients(
@@ -159,10 +175,10 @@ def accumulate_gradients(
     teacher=None,
     head: FusedHead | None = None,
 ):
-    """Backward over the micro-batches of one optimizer step. Returns (ce_sum, kl_sum, replay_ce_sum,
-    [global labelled positions, global replay positions]). Each micro-batch contributes sum / global count, so the
-    accumulated gradient equals the gradient of the mean loss over the whole step, however positions are split.
-    `replay` batches (no teacher labels) add CE only and count toward the positions."""
+    """Backward over the micro-batches of one optimizer step. Returns StepSums (this process's sums; the counts
+    global). Each micro-batch contributes sum / global count, so the accumulated gradient equals the gradient of
+    the mean loss over the whole step, however positions are split. `replay` batches (no teacher labels) add CE
+    only and count toward the positions."""
     world = acc.num_processes
     items = [("labels", b) for b in batches] + [("replay", b) for b in (replay or [])]
     local = torch.tensor(
@@ -172,7 +188,7 @@ def accumulate_gradients(
     counts = acc.reduce(local, reduction="sum").tolist()  # note: a sync point, once per step
     global_tokens = counts[0] + counts[1]
     scale = world / max(global_tokens, 1.0)  # DDP averages over ranks: undo it, then divide by the count
-    sums = torch.zeros(3, device=acc.device)  # ce, kl, replay ce
+    sums = torch.zeros(4, device=acc.device)  # ce, logged kl, replay ce, objective
     for j, (kind, b) in enumerate(items):
         b = _to(b, acc.device)
         sync = contextlib.nullcontext() if j == len(items) - 1 else acc.no_sync(model)
@@ -196,8 +212,9 @@ def accumulate_gradients(
                         trained = head.logits(trained)
                 total_sum = ce_sum(trained, b["labels"][b["label_mask"]])
                 sums[2] += total_sum.detach()
+            sums[3] += total_sum.detach()
             acc.backward(total_sum * scale)
-    return sums[0], sums[1], sums[2], counts
+    return StepSums(sums[0], sums[1], sums[2], counts, sums[3])
 
 
 def _to(batch: dict, device) -> dict:
@@ -211,14 +228,14 @@ def step_batches(loader: RankBatches, step: int) -> list[dict]:
     return loader.step_batches(step)
 
 
-def replay_batches(
-    replay: ReplayStream, step: int, config: StudentConfig, *, n: int, rank: int, world: int, pad_id: int
-) -> list[dict]:
-    """This process's replay micro-batches of one optimizer step (`n` sequences each; CE only)."""
-    return [
-        pad_inputs(replay.rows(step, j, rank, world, config.grad_accum, n), pad_id=pad_id)
-        for j in range(config.grad_accum)
-    ]
+def replay_batches(acc, replay: ReplayMixer, batches: list[dict], config: StudentConfig, *, pad_id: int) -> list[dict]:
+    """This process's replay micro-batches of one optimizer step (CE only): the sequences the mixer adds for the
+    step's labelled positions on all ranks (one small all-reduce), this rank's share, at most --batch-size each."""
+    local = torch.tensor([float(sum(int(b["label_mask"].sum()) for b in batches))], device=acc.device)
+    labelled = int(acc.reduce(local, reduction="sum").item())  # note: a sync point, once per step with replay
+    seqs = replay.take(labelled)
+    rows = replay_rows(seqs, rank=acc.process_index, world=acc.num_processes, batch_size=config.batch_size)
+    return [pad_inputs(r, pad_id=pad_id) for r in rows]
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -238,8 +255,7 @@ class Training:
     params: list[torch.nn.Parameter]  # the trainable ones
     head: FusedHead | None  # the lm_head inside the loss, or None for the logits path
     anchors: list[AnchorPenalty]  # L2-SP / EWC
-    replay: ReplayStream | None
-    n_replay: int  # replay sequences per micro-batch
+    replay: ReplayMixer | None
     teacher: torch.nn.Module | None  # the online reference teacher
     pad_id: int
     steps_per_epoch: int
@@ -250,6 +266,8 @@ class Training:
 def setup(config: StudentConfig) -> Training:
     """Accelerator, the run, the student (LoRA, fused head, anchors), replay, optimizer and schedule, online
     teacher, resume, output files; in this order, which fixes how the seeded random streams are used."""
+    # Option combinations this run's capture mode cannot support are refused before anything is loaded.
+    config.check_run(load_run_spec(config.run_dir).capture, config.run_dir)
     use_cuda = torch.cuda.is_available()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and use_cuda)
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
@@ -280,7 +298,7 @@ def setup(config: StudentConfig) -> Training:
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     anchors = _build_anchors(config, model, params, reader, pad_id)
-    replay, n_replay = _load_replay(config, tokenizer, spec.seq_len)
+    replay = _load_replay(config, tokenizer, spec.seq_len)
     opt = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
     )
@@ -290,7 +308,7 @@ def setup(config: StudentConfig) -> Training:
     teacher = _load_online_teacher(config, spec, acc.device) if config.teacher_online else None
     model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)
-    start = _resume(acc, config)
+    start = _resume(acc, config, replay)
     _prepare_outputs(acc, config, total, spec.fingerprint, start)
     loader = RankBatches(
         reader,
@@ -316,7 +334,6 @@ def setup(config: StudentConfig) -> Training:
         head=head,
         anchors=anchors,
         replay=replay,
-        n_replay=n_replay,
         teacher=teacher,
         pad_id=pad_id,
         steps_per_epoch=spe,
@@ -337,14 +354,16 @@ def _load_student(config: StudentConfig, spec: RunSpec):
     return tokenizer, model
 
 
-def _load_replay(config: StudentConfig, tokenizer, seq_len: int) -> tuple[ReplayStream | None, int]:
-    """(replay stream, replay sequences per micro-batch); (None, 0) without --replay-ratio."""
-    n_replay = config.replay_per_micro_batch()
-    if not n_replay:
-        return None, n_replay
+def _load_replay(config: StudentConfig, tokenizer, seq_len: int) -> ReplayMixer | None:
+    """The replay mixer (None without --replay-ratio)."""
+    if config.replay_ratio <= 0:
+        return None
     rep = load_sequences(config.replay_data, tokenizer, seq_len=seq_len, text_field=config.replay_text_field)
-    log.info("replay: %d sequences from %s, %d per micro-batch", len(rep.sequences), config.replay_data, n_replay)
-    return ReplayStream(rep.sequences, seed=config.seed), n_replay
+    log.info(
+        "replay: %d sequences from %s, %.3g of the trained positions", len(rep.sequences), config.replay_data,
+        config.replay_ratio,
+    )  # fmt: skip
+    return ReplayMixer(ReplayStream(rep.sequences, seed=config.seed), config.replay_ratio)
 
 
 def _length(config: StudentConfig, num_rows: int, world: int) -> tuple[int, int]:
@@ -365,8 +384,9 @@ def _load_online_teacher(config: StudentConfig, spec: RunSpec, device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def _resume(acc, config: StudentConfig) -> int:
-    """The step to start from: that of the newest complete checkpoint with --resume (its state loaded), else 0."""
+def _resume(acc, config: StudentConfig, replay: ReplayMixer | None) -> int:
+    """The step to start from: that of the newest complete checkpoint with --resume (its state loaded, the replay
+    mixer's included), else 0."""
     out = config.out
     if not config.resume:
         if ckpt.latest_checkpoint(out) is not None:
@@ -384,6 +404,13 @@ def _resume(acc, config: StudentConfig) -> int:
             state.get("world_size"),
             acc.num_processes,
         )
+    if replay is not None:
+        if "replay" not in state:
+            raise ValueError(
+                f"cannot resume from {last}: it was written before replay counted trained positions "
+                f"(no replay state); start a new --out directory"
+            )
+        replay.load_state(state["replay"])
     acc.load_state(str(last))
     log.info("resumed from %s (step %d)", last, state["step"])
     return state["step"]
@@ -460,7 +487,14 @@ def _build_anchors(config: StudentConfig, model, params, reader: RunReader, pad_
         n = min(config.ewc_sequences, len(reader))
         rows = [reader[i] for i in range(n)]
         batches = [collate_labels(rows[i : i + 4], pad_id=pad_id) for i in range(0, n, 4)]
-        fisher = estimate_fisher(model, batches, next(model.parameters()).device, seed=config.seed)
+        fisher = estimate_fisher(
+            model,
+            batches,
+            reader.spec.capture,
+            next(model.parameters()).device,
+            seed=config.seed,
+            sign_draws=config.ewc_sign_draws,
+        )
         anchors.append(AnchorPenalty(params, config.ewc, weights=fisher))
     return anchors
 
@@ -487,7 +521,7 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
     """Optimizer steps t.start .. t.total: batches, gradients, update, a metrics line, checkpoints.
     Returns (the last step's metrics, trained tokens of this invocation)."""
     acc = t.acc
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     metrics_path = config.out / "metrics.jsonl"
     t.model.train()
     tokens_done = 0
@@ -504,16 +538,11 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         epoch = step // t.steps_per_epoch
         batches = next(steps)
         checks.raise_failure()
-        replay = (
-            None
-            if t.replay is None
-            else replay_batches(t.replay, step, config, n=t.n_replay, rank=rank, world=world, pad_id=t.pad_id)
-        )
-        ce_tot, kl_tot, rep_tot, (n_lab, n_rep) = accumulate_gradients(
-            acc, t.model, batches, config, replay, t.teacher, t.head
-        )
+        replay = None if t.replay is None else replay_batches(acc, t.replay, batches, config, pad_id=t.pad_id)
+        r = accumulate_gradients(acc, t.model, batches, config, replay, t.teacher, t.head)
+        n_lab, n_rep = r.counts
         grad_norm, lr_now = _update(t, config)
-        sums = acc.reduce(torch.stack([ce_tot, kl_tot, rep_tot]), reduction="sum")
+        sums = acc.reduce(torch.stack([r.ce, r.kl, r.replay_ce, r.objective]), reduction="sum")
         tokens_done += n_lab + n_rep
         dt = time.perf_counter() - t0
         last = _step_metrics(config, t, step, epoch, sums, n_lab, n_rep, lr_now, grad_norm, dt)
@@ -523,7 +552,7 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         bar.set_postfix(ce=f"{last['ce']:.3f}", kl=f"{last['kl']:.3f}")
         bar.update(1)
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == t.total):
-            _save_checkpoint(acc, config.out, step + 1, config, world)
+            _save_checkpoint(acc, config.out, step + 1, config, world, t.replay)
     steps.close()
     checks.finish()  # the run's shards are all checked before its result is saved
     bar.close()
@@ -585,16 +614,15 @@ def _step_metrics(
 ) -> dict:
     """One metrics.jsonl line."""
     global_tokens = n_lab + n_rep
-    w_ce, w_kl = loss_weights(config.kl_weight, config.loss_form)
-    # ce and kl per labelled position, replay_ce per replay position; the optimised loss is their
-    # position-weighted mean (every trained position counts once).
+    # ce and kl per labelled position, replay_ce per replay position; total is the optimised loss per trained
+    # position (every trained position counts once) plus the anchor penalty. kl is comparable across capture
+    # modes (`loss_sums`); with sampled labels it is an unbiased estimate and may be slightly negative.
     last = {
         "step": step + 1,
         "epoch": epoch,
         "ce": sums[0].item() / max(n_lab, 1),
         "kl": sums[1].item() / max(n_lab, 1),
-        "total": (w_ce * sums[0].item() + w_kl * sums[1].item() + sums[2].item()) / global_tokens
-        + sum(a.value() for a in t.anchors),
+        "total": sums[3].item() / global_tokens + sum(a.value() for a in t.anchors),
         "lr": lr_now,
         "grad_norm": float(grad_norm),
         "trained_tokens": int(global_tokens),
@@ -603,6 +631,8 @@ def _step_metrics(
     }
     if t.replay is not None:
         last["replay_ce"] = sums[2].item() / max(n_rep, 1)
+        last["replay_tokens"] = int(n_rep)
+        last["replay_share"] = t.replay.share()  # replay positions / all trained positions, over the run so far
     if t.anchors:
         last["anchor_penalty"] = sum(a.value() for a in t.anchors)
     return last
@@ -655,7 +685,7 @@ def _metric_lines_up_to(path: Path, step: int) -> list[str]:
     return kept
 
 
-def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: int) -> None:
+def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: int, replay: ReplayMixer | None) -> None:
     tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.tmp_dir(out, step)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
@@ -667,6 +697,8 @@ def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: in
             "global_batch": config.batch_size * config.grad_accum * world,
             "config": config.to_dict(),
         }
+        if replay is not None:  # the mixer's counts and cursor after this step: resume continues them exactly
+            state["replay"] = replay.state()
         ckpt.commit(tmp, state, config.keep_checkpoints)
     acc.wait_for_everyone()
 

@@ -478,3 +478,115 @@ def test_property_fused_equals_reference_and_kl_nonnegative(
         assert fn(c["z"], c["ids"], c["lp"], c["tail"], tail=tail, kd_temperature=tau).item() >= floor
     want_kl = np_divergence(*np_args(c), tail=tail, tau=tau)
     assert out.kl.item() == pytest.approx(want_kl, rel=1e-5, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampled labels (#24): the logged KL is an unbiased estimate of the exact KL; unsupported combinations refused
+
+
+def _sampled_batch(mode, logp, draws, head_k, seed):
+    """The stored entries of `mode` (sample / hybrid) for teacher log-probs logp (N, V), as stage 1 stores them
+    (`stage1_teacher.capture_modes`), collated as `batch.collate_labels` would."""
+    from stage1_teacher.capture_modes import distinct_draws, hybrid_entries
+
+    rng = np.random.default_rng(seed)
+    n, v = logp.shape
+    p = np.exp(logp)
+    order = np.argsort(-logp, axis=1)
+    head = order[:, :head_k]
+    draw_ids = np.empty((n, draws), dtype=np.int64)
+    for i in range(n):
+        q = p[i].copy()
+        q[head[i]] = 0.0  # hybrid draws from the tail only
+        draw_ids[i] = rng.choice(v, size=draws, p=q / q.sum())
+    draw_lp = np.take_along_axis(logp, draw_ids, axis=1).astype(np.float32)
+    if mode == "sample":
+        ids, lps, counts = distinct_draws(draw_ids, draw_lp, draws)
+        tail = np.full(n, -np.inf, np.float32)  # what the loss sees of it is replaced by the target anyway
+    else:
+        head_lp = np.take_along_axis(logp, head, axis=1)
+        head_tail = np.log1p(-np.exp(head_lp).sum(axis=1))
+        ids, lps, tail, counts = hybrid_entries(head, head_lp, head_tail, draw_ids, draw_lp, draws)
+    return {
+        "topk_ids": torch.from_numpy(ids.astype(np.int64)),
+        "topk_logprobs": torch.from_numpy(lps.astype(np.float32)),
+        "tail_logprob": torch.from_numpy(tail.astype(np.float32)),
+        "sample_counts": torch.from_numpy(counts),
+    }
+
+
+@pytest.mark.parametrize("mode, head_k", [("sample", 0), ("hybrid", 4)])
+def test_logged_kl_of_sampled_labels_estimates_the_exact_kl(mode, head_k):
+    """What metrics.jsonl logs as `kl` (the loss's KL(w‖q) + kl_offset) is an unbiased estimate of the exact
+    full-vocabulary KL(p‖q): within 4 standard errors of it; the loss value itself is not (it is biased up)."""
+    from stage2_student.batch import with_kl_target_weights
+
+    n, v, draws = 3000, 40, 8
+    gen = np.random.default_rng(0)
+    logp = gen.normal(size=(n, v)) * 2.0
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True)
+    z = torch.from_numpy(logp + 0.7 * gen.normal(size=(n, v))).float()  # a student near the teacher
+    capture = {"mode": mode, "draws": draws, "seed": 0, "head_k": head_k}
+    target = with_kl_target_weights(_sampled_batch(mode, logp, draws, head_k, seed=1), capture)
+    loss_kl = float(topk_kl_sum(z, target["topk_ids"], target["topk_logprobs"], target["tail_logprob"]))
+    logged = loss_kl + float(target["kl_offset"].sum())
+    exact = float(exact_kl_sum(z, torch.from_numpy(logp).float()))
+    # standard error of the sum: per position Var_{y~p}[log p(y) − log q(y)] / draws (for hybrid, over the
+    # tail draws, scaled by p_T²; the head is exact; this bounds it from above)
+    logq = torch.log_softmax(z.double(), 1).numpy()
+    d = logp - logq
+    var = (np.exp(logp) * d**2).sum(1) - ((np.exp(logp) * d).sum(1)) ** 2
+    se = math.sqrt(var.sum() / draws)
+    assert abs(logged - exact) < 4 * se, (logged, exact, se)
+    assert loss_kl - exact > 10 * se, "the loss value alone is the biased quantity the log used to hold"
+
+
+@pytest.mark.parametrize("mode, head_k", [("sample", 0), ("hybrid", 4)])
+def test_logged_kl_is_zero_when_the_student_is_the_teacher(mode, head_k):
+    from stage2_student.batch import with_kl_target_weights
+
+    gen = np.random.default_rng(2)
+    logp = gen.normal(size=(200, 30)) * 2.0
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True)
+    capture = {"mode": mode, "draws": 16, "seed": 0, "head_k": head_k}
+    target = with_kl_target_weights(_sampled_batch(mode, logp, 16, head_k, seed=3), capture)
+    z = torch.from_numpy(logp).float()
+    loss_kl = topk_kl_sum(z, target["topk_ids"], target["topk_logprobs"], target["tail_logprob"])
+    assert float(loss_kl) / 200 > 0.1  # the per-position KL(w‖q) of a student that IS the teacher
+    assert abs(float(loss_kl + target["kl_offset"].sum()) / 200) < 1e-5
+
+
+def test_topk_labels_get_no_kl_offset():
+    from stage2_student.batch import with_kl_target_weights
+
+    b = {"topk_ids": torch.tensor([[1, 2]]), "topk_logprobs": torch.tensor([[-0.5, -1.5]]), "tail_logprob": None}
+    assert "kl_offset" not in with_kl_target_weights(b, {"mode": "topk"})
+
+
+SAMPLED = {"sample": {"mode": "sample", "draws": 32, "seed": 0, "head_k": 0},
+           "hybrid": {"mode": "hybrid", "draws": 8, "seed": 0, "head_k": 8}}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["sample", "hybrid"])
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"divergence": "reverse"}, ["--divergence reverse", "--divergence forward", "--capture topk"]),
+        ({"divergence": "jsd"}, ["--divergence jsd", "--divergence forward", "--capture topk"]),
+        ({"kd_temperature": 2.0}, ["--kd-temperature 2", "--kd-temperature 1", "--capture topk"]),
+        ({"kl_tail": "renorm"}, ["--kl-tail renorm", "--kl-tail bucket"]),
+    ],
+)
+def test_sampled_labels_refuse_biased_option_combinations(mode, kw, says):
+    from stage2_student.config import StudentConfig
+
+    cfg = StudentConfig(run_dir="r", out="o", **kw)
+    with pytest.raises(ValueError) as e:
+        cfg.check_run(SAMPLED[mode], "r")
+    for s in [*says, f"captured as {mode}"]:
+        assert s in str(e.value), (s, str(e.value))
+    assert cfg.run_problems({"mode": "topk"}) == [] and cfg.run_problems({"mode": "topp"}) == []
+    # the online teacher replaces the stored labels in the KL: nothing to refuse about them
+    if "divergence" not in kw:
+        assert cfg.replace(teacher_online="t").run_problems(SAMPLED[mode]) == []
+    assert StudentConfig(run_dir="r", out="o").run_problems(SAMPLED[mode]) == []

@@ -39,3 +39,73 @@ def test_capture_auto_resolves_by_what_the_engine_can_do():
         )
     with pytest.raises(ValueError, match="choose auto, topk, topp, sample or hybrid"):
         TeacherConfig(**BASE, capture="best")
+
+
+# ------------------------------------------------------------------------------------------- mode options (#24 item 5)
+
+
+@pytest.mark.parametrize(
+    "kw, mode",
+    [
+        ({"top_k": 64}, "topk"),
+        ({"top_k": 32}, "topk"),  # explicit, even at the default value
+        ({"top_p": 0.9}, "topp"),
+        ({"top_k": 64, "top_p": 0.9, "min_k": 2}, "topp"),
+        ({"min_k": 2}, "topp"),
+        ({"draws": 8}, "sample"),
+    ],
+)
+def test_explicit_mode_option_under_auto_selects_its_mode(kw, mode):
+    c = TeacherConfig(**BASE, **kw)
+    assert c.capture == "auto" and c.explicit_capture() == mode
+    if mode != "sample":
+        assert c.resolved_capture("hf") == mode and c.resolved_capture("vllm") == mode
+    else:
+        assert c.resolved_capture("hf") == "sample"
+    assert c.mode_settings() == {"top_k": 32, "top_p": 0.99, "min_k": 4, "draws": 32, **kw}
+
+
+def test_plain_auto_still_depends_on_the_engine():
+    c = TeacherConfig(**BASE)
+    assert c.explicit_capture() is None and (c.top_k, c.top_p, c.min_k, c.draws) == (None, None, None, None)
+    assert c.mode_settings() == {"top_k": 32, "top_p": 0.99, "min_k": 4, "draws": 32}
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"top_k": 8, "draws": 8}, "--top-k together with --draws under --capture auto"),
+        ({"capture": "sample", "top_k": 64}, "--top-k has no effect with --capture sample"),
+        ({"capture": "topk", "draws": 8}, "--draws has no effect with --capture topk"),
+        (
+            {"capture": "topk", "top_p": 0.5},
+            "--top-p has no effect with --capture topk: drop it, or use --capture topp",
+        ),
+        ({"capture": "hybrid", "min_k": 2}, "--min-k has no effect with --capture hybrid"),
+        ({"draws": 8, "engine": "vllm"}, "capture=sample (selected by --draws) draws from the full distribution"),
+        ({"top_p": 0.5, "top_k": 4, "min_k": 8}, "min_k=8: must be in 1..top_k (4)"),
+    ],
+)
+def test_mode_options_the_mode_would_ignore_are_refused(kw, message):
+    with pytest.raises(ValueError) as e:
+        TeacherConfig(**BASE, **kw)
+    assert message in str(e.value)
+
+
+def test_explicit_top_k_under_auto_is_what_the_run_stores(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """`pipeline teacher --top-k 8` (default --capture auto, hf engine) stores the top 8, and inspect says so;
+    an option the chosen mode ignores is refused through the CLI with one message, before any work."""
+    from e2e_helpers import cli
+
+    from storage import RunReader
+
+    args = ["teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--seq-len", 32]
+    cli(*args, "--engine", "hf", "--top-k", 8, "--max-samples", 4, "--out", tmp_path / "r")
+    reader = RunReader(tmp_path / "r")
+    assert reader.spec.capture["mode"] == "topk" and reader.spec.k == 8
+    assert reader[0].sample_counts is None and reader[0].topk_ids.shape[1] == 8
+    table = cli("inspect", tmp_path / "r").output
+    assert "capture           topk: the top k ids + the tail mass" in table and "k                 8 " in table
+    r = cli(*args, "--capture", "sample", "--top-k", 64, "--out", tmp_path / "bad", expect_ok=False)
+    assert r.exit_code != 0 and "--top-k has no effect with --capture sample" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "bad").exists()
