@@ -128,6 +128,11 @@ class _PairedEngine:
         return out
 
 
+def _mode_options(capture: str, k: int, draws: int) -> dict:
+    """The TeacherConfig options a capture mode reads (a mode refuses the options it would ignore)."""
+    return {"topk": {"top_k": k}, "sample": {"draws": draws}, "hybrid": {"top_k": k, "draws": draws}}[capture]
+
+
 def bench_hf(
     model_dir: Path,
     model_label: str,
@@ -158,11 +163,10 @@ def bench_hf(
     log(f"[{model_label} {dtype} {capture}] preparing {n_seq} x {seq_len} tokens")
     cfg = TeacherConfig(
         capture=capture,
-        draws=draws,
+        **_mode_options(capture, k, draws),
         model=str(model_dir),
         data=str(corpus),
         out=work / f"run-{model_label}-{dtype}-{capture}",
-        top_k=k,
         seq_len=seq_len,
         engine="hf",
         dtype=dtype,
@@ -614,7 +618,8 @@ def user_runs(model_dir, corpus, captures, n_seq, seq_len, k, draws, rounds, wor
         for c in order:
             out = work / f"user-{c}-{rnd}"
             cmd = [str(exe), "teacher", "--model", str(model_dir), "--data", str(corpus), "--out", str(out)]
-            cmd += ["--capture", c, "--top-k", str(k), "--draws", str(draws), "--seq-len", str(seq_len)]
+            cmd += ["--capture", c, "--seq-len", str(seq_len)]
+            cmd += [x for key, v in _mode_options(c, k, draws).items() for x in (f"--{key.replace('_', '-')}", str(v))]
             cmd += ["--max-samples", str(n_seq), "--dtype", "float32", "--engine", "hf", "--device", "cpu"]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
