@@ -157,8 +157,8 @@ def bench_hf(
     from stage1_teacher.engines.hf_engine import HFEngine
     from stage1_teacher.prepare import prepare
     from stage1_teacher.run import run
-    from stage1_teacher.shards import write_shard
-    from storage import Encoding, ShardWriter, mode_of, shard_path
+    from stage1_teacher.shards import shard_writer, write_shard
+    from storage import shard_path
 
     log(f"[{model_label} {dtype} {capture}] preparing {n_seq} x {seq_len} tokens")
     cfg = TeacherConfig(
@@ -197,20 +197,10 @@ def bench_hf(
         return work / f"{kind}-{model_label}-{dtype}-{capture}-{n_dir[0]}"
 
     tops: list = []  # score output of the first round, for the writer-alone variant
-    enc = Encoding.from_dict(spec.encoding)
-    mode = mode_of(spec.capture)
 
     def write_only():
         d = fresh_dir("write")
-        with ShardWriter(
-            shard_path(d, 0, 1),
-            fingerprint=spec.fingerprint,
-            k=spec.k,
-            vocab_size=spec.vocab_size,
-            encoding=enc,
-            variable=mode.variable,
-            sampled=mode.sampled,
-        ) as w:
+        with shard_writer(spec, shard_path(d, 0, 1)) as w:
             for s, top in zip(seqs, tops):
                 w.add(s.sample_id, s.input_ids, s.label_mask, *stored_entries(spec.capture, top, s.label_mask))
             w.close()

@@ -123,22 +123,26 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, old)
 
 
-def write_shard(engine: Engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) -> ShardReceipt:
-    """Score `seqs` and write them as one shard; encoding and zstd run on a background thread so the
-    engine never waits on compression. `bar.update(trained tokens)` after each batch."""
-    enc = Encoding.from_dict(spec.encoding)
-    q: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
+def shard_writer(spec: RunSpec, path: Path) -> ShardWriter:
+    """The writer of one shard of the run `spec`, in its encoding and capture mode's layout."""
     mode = mode_of(spec.capture)
-    with ShardWriter(
+    return ShardWriter(
         path,
         fingerprint=spec.fingerprint,
         k=spec.k,
         vocab_size=spec.vocab_size,
-        encoding=enc,
+        encoding=Encoding.from_dict(spec.encoding),
         variable=mode.variable,
         sampled=mode.sampled,
-    ) as writer:
+    )
+
+
+def write_shard(engine: Engine, spec: RunSpec, path: Path, seqs, batch_size: int, bar) -> ShardReceipt:
+    """Score `seqs` and write them as one shard; encoding and zstd run on a background thread so the
+    engine never waits on compression. `bar.update(trained tokens)` after each batch."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+    with shard_writer(spec, path) as writer:
 
         def consume():
             try:
