@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .model_files import resolve_model_dir
@@ -101,8 +102,6 @@ def check_weight_files(folder: Path) -> None:
 
 def damaged_weight_files(folder: Path) -> list[tuple[Path, str]]:
     """(file, reason) for each `*.safetensors` file of a local model folder whose header or size is wrong."""
-    from safetensors import safe_open
-
     bad = []
     if not folder.is_dir():
         return bad

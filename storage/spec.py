@@ -156,9 +156,10 @@ def _same_thing(key: str, a: RunSpec, b: RunSpec) -> bool:
     fingerprint is equal, or a model path whose config and weights hashes are equal."""
     if key == "corpus.source":
         return a.corpus.get("fingerprint") is not None and a.corpus.get("fingerprint") == b.corpus.get("fingerprint")
-    if key == "teacher.name_or_path":
+    if key == "teacher.name_or_path":  # a local folder mounted elsewhere (a hub name is a name, not a spelling)
+        paths = [os.path.isabs(str(x.teacher.get("name_or_path"))) for x in (a, b)]
         same = [a.teacher.get(k) == b.teacher.get(k) for k in ("config_sha256", "weights_sha256")]
-        return all(same) and a.teacher.get("weights_sha256") is not None
+        return all(paths) and all(same) and a.teacher.get("weights_sha256") is not None
     return False
 
 
