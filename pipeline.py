@@ -10,9 +10,12 @@ line win; an unknown key is an error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -94,7 +97,54 @@ def build_config(config_cls, params: dict):
     try:
         return config_cls(**given)
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise click.UsageError(as_options(str(e), config_cls)) from None
+
+
+def as_options(message: str, *config_classes) -> str:
+    """A message from a stage, with the config fields it names spelled as the options a user types: `kl_weight=2`
+    -> `--kl-weight 2`, `train_on_prompt=True` -> `--train-on-prompt`, `max_steps` -> `--max-steps`. Paths and
+    dotted names (`/runs/kl_weight/`, `capture.top_k`) are left alone."""
+    names = {f.name for c in config_classes for f in dataclasses.fields(c)}
+    for name in sorted(names, key=len, reverse=True):
+        opt = "--" + name.replace("_", "-")
+        lead = rf"(?<![\w./-]){re.escape(name)}"
+        message = re.sub(lead + r"=True\b", opt, message)
+        message = re.sub(lead + r"=False\b", "--no-" + opt[2:], message)
+        message = re.sub(lead + r"=(?=\S)", opt + " ", message)
+        if "_" in name:
+            message = re.sub(lead + r"(?![\w/-]|\.\w)", opt, message)
+    return message
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path, the reason, what to do."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    advice = {
+        errno.EROFS: "the filesystem is read-only: choose an --out on a writable filesystem",
+        errno.EACCES: "permission denied: choose an --out you can write to, or fix its permissions",
+        errno.EPERM: "operation not permitted: choose an --out you can write to, or fix its permissions",
+        errno.ENOSPC: "free space on that filesystem, then run the same command again",
+        errno.EDQUOT: "disk quota exceeded: free space, then run the same command again",
+        errno.ENOENT: "no such file or directory: check the path",
+    }.get(e.errno, "fix the cause, then run the same command again")
+    return f"{where}: {e.strerror}; {advice}"
+
+
+@contextlib.contextmanager
+def cli_errors(*config_classes):
+    """Errors of a stage -> one click error message (no traceback), naming options as the user types them."""
+    from storage.errors import StorageError
+
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except OSError as e:
+        raise click.ClickException(as_options(_os_error_message(e), *config_classes)) from None
+    except (StorageError, ValueError, ImportError) as e:
+        raise click.ClickException(as_options(str(e), *config_classes)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -137,9 +187,8 @@ def teacher(finalize_dir: Path | None, **params):
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.run import run
     from stage1_teacher.shards import finalize, summary_line
-    from storage.errors import StorageError
 
-    try:
+    with cli_errors(TeacherConfig):
         if finalize_dir is not None:
             info = finalize(finalize_dir)
             click.echo(
@@ -148,8 +197,6 @@ def teacher(finalize_dir: Path | None, **params):
             )
             return
         summary = run(build_config(TeacherConfig, params))
-    except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
@@ -160,12 +207,9 @@ def student(**params):
     """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). No teacher is loaded."""
     from stage2_student.config import StudentConfig
     from stage2_student.train import run, summary_line
-    from storage.errors import StorageError
 
-    try:
+    with cli_errors(StudentConfig):
         summary = run(build_config(StudentConfig, params))
-    except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
@@ -188,10 +232,8 @@ def eval_(as_json: bool, **params):
     from stage2_student.config import EvalConfig
     from stage2_student.evaluate import format_table, run
 
-    try:
+    with cli_errors(EvalConfig):
         result = run(build_config(EvalConfig, params))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -204,10 +246,8 @@ def merge(**params):
     from stage2_student.config import MergeConfig
     from stage2_student.merge import run, summary_line
 
-    try:
+    with cli_errors(MergeConfig):
         summary = run(build_config(MergeConfig, params))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(summary_line(summary))
 
 
@@ -219,24 +259,21 @@ def merge(**params):
 )
 @options_from(
     __import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig,
-    skip=("run_dir", "out", "kl_weight", "resume"),
+    skip=("run_dir", "out", "kl_weight", "resume", "overwrite"),
 )
 def sweep(**params):
     """Train one student per λ (and per lr / baseline knob) from the same stored labels, evaluate all,
     and write a trade-off table and plot."""
     from stage2_student.config import StudentConfig, SweepConfig
     from stage2_student.sweep import run
-    from storage.errors import StorageError
 
     student_keys = {f.name for f in dataclasses.fields(StudentConfig)}
     sweep_keys = {f.name for f in dataclasses.fields(SweepConfig)}
     student = {k: v for k, v in params.items() if k in student_keys and k not in sweep_keys and v is not None}
     given = {k: v for k, v in params.items() if k in sweep_keys}
     given["eval_data"] = tuple(params.get("eval_data") or ())
-    try:
+    with cli_errors(SweepConfig, StudentConfig):
         result = run(build_config(SweepConfig, {**given, "student": student}))
-    except (StorageError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
     if "table" in result:
         from stage2_student.sweep import format_markdown
 

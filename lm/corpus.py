@@ -20,8 +20,11 @@ Row formats
         `train_on_prompt`. The assistant spans are found by rendering prefixes of the conversation
         and diffing token counts, which works with any template whose renderings of prefixes are
         token prefixes of the whole rendering; a template without that property is an error.
-    Empty / non-string text rows and malformed conversations are skipped, counted in `skipped`, and
-    reported once with a `logging` warning naming the first row numbers.
+    Empty / non-string text rows, malformed conversations, conversations the template refuses and rows
+    left without a trained token (no assistant turn) are skipped, counted by kind in `skipped_kinds`, and
+    reported in one `logging` warning naming the first row numbers of each kind (counted from 1, as a user
+    counts lines). A message whose role the chat template does not know (`template_roles`) is an error
+    naming the row and the template's roles, unless the role is in `allow_roles`.
 
 Tokens
     Text is tokenized with the tokenizer's own special-token convention (`add_special_tokens=True`,
@@ -68,6 +71,7 @@ import json
 import logging
 import lzma
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +118,22 @@ class CorpusResult:
     dropped_sequences: int = 0  # cut sequences with no trained prediction
     tokens: int = 0  # sum of len(input_ids)
     trained_positions: int = 0  # sum of label_mask
-    skipped_rows: list[int] = field(default_factory=list)  # the first few skipped row numbers
+    skipped_rows: list[int] = field(default_factory=list)  # the first few skipped row numbers (from 1)
+    # kind -> [count, first few row numbers (from 1)], for every kind of skipped row (see `_SKIP_KINDS`)
+    skipped_kinds: dict[str, list] = field(default_factory=dict)
+
+    def skip(self, kind: str, row: int) -> None:
+        """Count row `row` (from 1) as skipped for reason `kind`."""
+        entry = self.skipped_kinds.setdefault(kind, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < _WARN_ROWS:
+            entry[1].append(row)
+        if kind != "untrained":
+            self.skipped += 1
+            if len(self.skipped_rows) < _WARN_ROWS:
+                self.skipped_rows.append(row)
+        else:
+            self.untrained_documents += 1
 
     @property
     def num_sequences(self) -> int:
@@ -207,6 +226,9 @@ class CorpusPlan:
                 return list(seen)
         return []
 
+    def is_hub_or_dataset(self) -> bool:
+        return any(p.kind == "rows" for p in self.pieces)
+
     def values(self, column: str, lo: int = 0, hi: int | None = None) -> Iterator[Any]:
         """`row[column]` (None where absent) of every row owned by [lo, hi), in corpus order."""
         hi = self.total if hi is None else hi
@@ -285,29 +307,61 @@ def _open_text(p: _Piece):
     return open(p.path, "rb")
 
 
-def _parse_json_line(line: bytes, p: _Piece, offset: int | None):
+def _parse_json_line(line: bytes, p: _Piece, offset: int | None, line_no: int | None = None):
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"byte {offset}" if offset is not None else "a line"
-        raise ValueError(f"{p.path}: {where} is not valid JSON ({e}); fix or remove that line") from e
+    except UnicodeDecodeError as e:
+        where = _where(p, offset, line_no)
+        raise ValueError(
+            f"{p.path}: {where} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+            f"re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix or remove that line"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{p.path}: {_where(p, offset, line_no)} is not valid JSON ({e}); fix or remove that line"
+        ) from None
+
+
+def _where(p: _Piece, offset: int | None, line_no: int | None) -> str:
+    """'line L (byte B)' of a file, the line counted from 1 (counted on this error path only)."""
+    if line_no is None and offset is not None:
+        with open(p.path, "rb") as f:
+            line_no, left = 1, offset
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                line_no += chunk.count(b"\n")
+                left -= len(chunk)
+    if line_no is None:
+        return "a line"
+    return f"line {line_no}" + (f" (byte {offset})" if offset is not None else "")
 
 
 def _whole_file_rows(p: _Piece) -> Iterator[Any]:
     with _open_text(p) as f:
         if p.builder == "text":  # one document per .txt file, as `datasets`' sample_by="document"
-            yield {"text": f.read().decode("utf-8")}
+            data = f.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = data[: e.start].count(b"\n") + 1
+                raise ValueError(
+                    f"{p.path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start}); "
+                    f"re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                ) from None
+            yield {"text": text}
             return
         head = f.read(1 << 16)
         first = head.lstrip()[:1]
         if first == b"[":  # a JSON array of rows
-            rows = json.loads(head + f.read())
+            rows = _parse_json_line(head + f.read(), p, None, 1)
             yield from (rows if isinstance(rows, list) else [rows])
             return
         rest = _prepend(head, f)
-        for line in rest:
+        for n, line in enumerate(rest, 1):
             if line.strip():
-                yield _parse_json_line(line, p, None)
+                yield _parse_json_line(line, p, None, n)
 
 
 def _prepend(head: bytes, f) -> Iterator[bytes]:
@@ -431,6 +485,12 @@ def load_corpus(data: str | os.PathLike, *, split: str = "train"):
 def check_column(plan: CorpusPlan, column: str, option: str) -> None:
     """Fail before any work when the corpus has no `column` (looked up in its first rows / schema)."""
     available = plan.columns()
+    if not available and not plan.is_hub_or_dataset():
+        first = next((p.path for p in plan.pieces if p.path), plan.display)
+        raise ValueError(
+            f"{first}: no rows (an empty file, or only blank lines); give a corpus with at least one row holding "
+            f"{column!r}"
+        )
     if column not in available:
         raise ValueError(
             f"column {column!r} not found in {plan.display}; available: {', '.join(available) or '(none)'}; "
@@ -463,15 +523,48 @@ class ChatTemplateError(ValueError):
     """The chat template cannot be used to locate assistant tokens."""
 
 
+# The OpenAI roles; a template that prints `message['role']` as it is renders these (and anything else) alike.
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+_ROLE_COMPARED = re.compile(r"""role['"]?\]?\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""")
+_ROLE_IN_LIST = re.compile(r"""role['"]?\]?\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
+_ROLE_PRINTED = re.compile(r"""\{\{[^}]*role[^}]*\}\}""")
+
+
+def template_roles(template: str) -> set[str]:
+    """The message roles a chat template knows: those it compares `role` with, plus the standard roles when it
+    prints the role as it is (ChatML-like templates)."""
+    roles = set(_ROLE_COMPARED.findall(template))
+    for group in _ROLE_IN_LIST.findall(template):
+        roles.update(re.findall(r"""['"]([A-Za-z_][\w-]*)['"]""", group))
+    if _ROLE_PRINTED.search(template) or not roles:
+        roles.update(STANDARD_ROLES)
+    return roles
+
+
 class _ChatTokenizer:
-    def __init__(self, tokenizer, train_on_prompt: bool):
-        if not getattr(tokenizer, "chat_template", None):
+    def __init__(self, tokenizer, train_on_prompt: bool, allow_roles: tuple[str, ...] = ()):
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                 "chat rows need one (set tokenizer.chat_template, or use plain-text rows)"
             )
         self.tok = tokenizer
         self.train_on_prompt = train_on_prompt
+        texts = template.values() if isinstance(template, dict) else [template]
+        self.known_roles = set().union(*(template_roles(t) for t in texts))
+        self.roles = self.known_roles | set(allow_roles)
+
+    def check_roles(self, messages: list[dict], row: int, display: str) -> None:
+        """A role the template does not know is an error (a template would drop it, or render it as it is)."""
+        for m in messages:
+            if m["role"] not in self.roles:
+                name = getattr(self.tok, "name_or_path", "the tokenizer")
+                raise ValueError(
+                    f"{display}: row {row}: chat role {m['role']!r} is not one of the roles the chat template of "
+                    f"{name!r} knows ({', '.join(sorted(self.known_roles))}). "
+                    f"Fix the row, or pass allow_roles={m['role']} to render it as the template does."
+                )
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -516,9 +609,12 @@ def _documents(
     eos: int,
     result: CorpusResult,
     template_errors: list[str],
+    allow_roles: tuple[str, ...] = (),
+    display: str = "the corpus",
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (ids int32, trained bool) per valid document with at least one trained token."""
-    chat_tok = _ChatTokenizer(tokenizer, train_on_prompt) if chat else None
+    """Yield (ids int32, trained bool) per valid document with at least one trained token. Skipped rows are
+    counted in `result` by kind, numbered from 1 within the range read."""
+    chat_tok = _ChatTokenizer(tokenizer, train_on_prompt, allow_roles) if chat else None
     eos_trained = (not chat) or train_on_prompt
     row = 0
     done = False
@@ -533,20 +629,21 @@ def _documents(
         if not batch:
             break
         if chat:
-            docs: list[tuple[np.ndarray, np.ndarray] | None] = []
+            docs: list[tuple[np.ndarray, np.ndarray] | str | None] = []
             for offset, value in enumerate(batch):
                 conv = _clean_conversation(value)
                 if conv is None:
-                    docs.append(None)
+                    docs.append("malformed")
                     continue
+                chat_tok.check_roles(conv, row + offset + 1, display)
                 try:
-                    docs.append(chat_tok(conv, row + offset))
+                    docs.append(chat_tok(conv, row + offset + 1))
                 except ChatTemplateError:
                     raise
                 except Exception as e:  # a template may refuse a conversation (e.g. roles must alternate)
                     if len(template_errors) < 1:
                         template_errors.append(f"{type(e).__name__}: {e}")
-                    docs.append(None)
+                    docs.append("template")
         else:
             valid = [i for i, v in enumerate(batch) if _valid_text(v)]
             encoded = (
@@ -556,16 +653,14 @@ def _documents(
                 if valid
                 else []
             )
-            docs = [None] * len(batch)
+            docs = ["empty"] * len(batch)
             for i, ids in zip(valid, encoded):
                 arr = np.asarray(ids, dtype=np.int32)
                 docs[i] = (arr, np.ones(len(arr), dtype=bool))
         for offset, doc in enumerate(docs):
             result.rows_read += 1
-            if doc is None or len(doc[0]) == 0:
-                result.skipped += 1
-                if len(result.skipped_rows) < _WARN_ROWS:
-                    result.skipped_rows.append(row + offset)
+            if isinstance(doc, str) or len(doc[0]) == 0:
+                result.skip(doc if isinstance(doc, str) else "empty", row + offset + 1)
                 continue
             ids, trained = doc
             if ids[-1] != eos:
@@ -573,7 +668,7 @@ def _documents(
                 trained = np.append(trained, eos_trained)
             # The first token is never a prediction target, so it cannot make a document useful.
             if not trained[1:].any():
-                result.untrained_documents += 1
+                result.skip("untrained", row + offset + 1)
                 continue
             result.documents += 1
             yield ids, trained
@@ -631,11 +726,18 @@ def corpus_settings(
     train_on_prompt: bool = False,
     max_samples: int | None = None,
     pack: bool = True,
+    allow_roles: str | list[str] | None = None,
 ) -> dict[str, Any]:
-    """What decides the sequences besides the corpus itself (recorded in the run spec)."""
+    """What decides the sequences besides the corpus itself (recorded in the run spec). `allow_roles`: chat roles
+    to render although the template does not name them (comma-separated); recorded only when given."""
     eos = _check_settings(tokenizer, seq_len, max_samples)
     chat = messages_field is not None
+    extra = {}
+    if allow_roles:
+        roles = allow_roles.split(",") if isinstance(allow_roles, str) else list(allow_roles)
+        extra["allow_roles"] = sorted({r.strip() for r in roles if r.strip()})
     return {
+        **extra,
         "fingerprint_version": FINGERPRINT_VERSION,
         "format": "chat" if chat else "text",
         "field": messages_field if chat else text_field,
@@ -669,6 +771,7 @@ def load_range(
     seq_len, max_samples, eos = settings["seq_len"], settings["max_samples"], settings["eos_token_id"]
     result = CorpusResult(sequences=[], fingerprint="", settings=settings)
     template_errors: list[str] = []
+    display = plan.display + (f" ({where})" if where else "")
     docs = _documents(
         plan.values(column, lo, hi),
         tokenizer,
@@ -677,6 +780,8 @@ def load_range(
         eos=eos,
         result=result,
         template_errors=template_errors,
+        allow_roles=tuple(settings.get("allow_roles") or ()),
+        display=display,
     )
     chunks = _chunks(docs, seq_len, settings["pack"])
     try:
@@ -698,12 +803,8 @@ def load_range(
     finally:
         chunks.close()
         docs.close()
-    display = plan.display + (f" ({where})" if where else "")
-    if result.skipped:
-        what = "malformed conversations (not a list of {role, content} strings)" if chat else "empty or non-string rows"
-        rows = ", ".join(map(str, result.skipped_rows)) + (", ..." if result.skipped > len(result.skipped_rows) else "")
-        extra = f"; first template error: {template_errors[0]}" if template_errors else ""
-        logger.warning("%s: skipped %d %s (rows %s)%s", display, result.skipped, what, rows, extra)
+    if result.skipped_kinds:
+        logger.warning("%s", skipped_rows_message(result, display, chat, template_errors))
     if not result.sequences and not allow_empty:
         raise ValueError(
             f"no trainable position in {display}: read {result.rows_read} rows, skipped {result.skipped} "
@@ -718,6 +819,34 @@ def load_range(
     return result
 
 
+_SKIP_KINDS = {
+    "empty": "empty or non-string rows",
+    "malformed": "malformed conversations (not a list of {role, content} strings)",
+    "template": "conversations the chat template refused",
+    "untrained": None,  # worded by format below
+}
+
+
+def skipped_rows_message(result: CorpusResult, display: str, chat: bool, template_errors: list[str]) -> str:
+    """The one warning about every skipped row of a range: per kind, the count and the first rows (from 1)."""
+    parts = []
+    total = 0
+    for kind in _SKIP_KINDS:
+        if kind not in result.skipped_kinds:
+            continue
+        count, rows = result.skipped_kinds[kind]
+        total += count
+        what = _SKIP_KINDS[kind] or (
+            "conversations without a trained token (no assistant turn; train_on_prompt=True trains every token)"
+            if chat
+            else "rows too short to train (one token)"
+        )
+        listed = ", ".join(map(str, rows)) + (", ..." if count > len(rows) else "")
+        parts.append(f"{count} {what} (row{'s' if count > 1 else ''} {listed})")
+    extra = f"; first template error: {template_errors[0]}" if template_errors else ""
+    return f"{display}: skipped {total} row{'s' if total != 1 else ''}: " + "; ".join(parts) + extra
+
+
 def load_sequences(
     data,
     tokenizer,
@@ -729,6 +858,7 @@ def load_sequences(
     max_samples: int | None = None,
     pack: bool = True,
     split: str = "train",
+    allow_roles: str | list[str] | None = None,
 ) -> CorpusResult:
     """Tokenize a whole corpus into sequences of at most `seq_len` tokens with their label masks.
 
@@ -745,6 +875,7 @@ def load_sequences(
         train_on_prompt=train_on_prompt,
         max_samples=max_samples,
         pack=pack,
+        allow_roles=allow_roles,
     )
     plan = plan_corpus(data, split=split)
     check_column(plan, settings["field"], "--messages-field" if messages_field is not None else "--text-field")

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .model_files import resolve_model_dir
@@ -51,7 +52,21 @@ def torch_dtype(name: str, *, option: str = "dtype") -> torch.dtype:
 def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer of a model folder, hub name or GGUF file inside a folder."""
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(resolve_model_dir(os.fspath(name_or_path)), **kw)
+    path = resolve_model_dir(os.fspath(name_or_path))
+    if not gguf_file and Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path}: no tokenizer files (tokenizer.json is missing, and so are {', '.join(TOKENIZER_FILES[1:])}). "
+            f"Copy the tokenizer of the model this one comes from into it (tokenizer.json and tokenizer_config.json; "
+            f"`tokenizer.save_pretrained('{path}')` writes them)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+# Any one of these lets transformers build a tokenizer (fast, sentencepiece or BPE vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
 def model_limits(model_dir: Path, gguf_file: str | None = None) -> tuple[int, int | None]:
@@ -68,7 +83,46 @@ def load_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None
     path = resolve_model_dir(os.fspath(name_or_path))
     if gguf_file:
         return gguf_as_plain_model(path / gguf_file, dtype)[0]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception:
+        check_weight_files(Path(path))  # a damaged weight file: named, with the fix
+        raise
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise ValueError naming the first damaged `*.safetensors` file of a local model folder."""
+    damaged = damaged_weight_files(folder)
+    if damaged:
+        raise ValueError(
+            f"{damaged[0][0]}: cannot be read ({damaged[0][1]}); the file is damaged or incomplete (an interrupted "
+            f"copy or download?). Copy it again from its source, or save the model again."
+        )
+
+
+def damaged_weight_files(folder: Path) -> list[tuple[Path, str]]:
+    """(file, reason) for each `*.safetensors` file of a local model folder whose header or size is wrong."""
+    bad = []
+    if not folder.is_dir():
+        return bad
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 0 or 8 + n > size:
+                    bad.append((f, f"{size:,} bytes, shorter than its header says: truncated"))
+                    continue
+                meta = json.loads(fh.read(n))
+            with safe_open(f, framework="pt") as st:
+                st.keys()
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                bad.append((f, f"{size:,} bytes, its tensors need {8 + n + end:,}: truncated"))
+        except Exception as e:  # safetensors raises its own error type
+            bad.append((f, f"{type(e).__name__}: {e}"))
+    return bad
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

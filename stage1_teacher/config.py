@@ -127,6 +127,13 @@ class TeacherConfig:
         default=None, metadata={"help": "Column holding chat messages [{role, content}] (switches to chat mode)."}
     )
     train_on_prompt: bool = field(default=False, metadata={"help": "Chat mode: also train on prompt tokens."})
+    allow_roles: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat mode: comma-separated message roles to render although the chat template does not name "
+            "them (else such a row is an error listing the template's roles)."
+        },
+    )
     pack: bool = field(
         default=True,
         metadata={"help": "Pack documents (EOS-separated) into full sequences; else one document per sequence."},
@@ -177,6 +184,8 @@ class TeacherConfig:
         if not 1 <= draws <= 65535:
             problems.append(f"draws={draws}: must be in 1..65535")
         problems += self._mode_option_problems()
+        if self.allow_roles and self.messages_field is None:
+            problems.append("allow_roles: chat roles apply to chat rows only; give --messages-field too")
         chosen = self.explicit_capture()
         if chosen == "topp" and not 1 <= min_k <= top_k:  # topp's own option
             problems.append(f"min_k={min_k}: must be in 1..top_k ({top_k}) (top-k is the cap of topp)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lm.corpus import check_column, corpus_settings, load_range, plan_corpus, plan_fingerprint
-from lm.loading import canonical_dtype, load_tokenizer, model_limits
+from lm.loading import canonical_dtype, check_weight_files, load_tokenizer, model_limits
 from lm.model_files import model_identity, resolve_model_dir
 from lm.tokenizer_id import tokenizer_fingerprint
 from storage import Encoding, RunSpec, mode_of
@@ -60,6 +60,7 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     """(spec, the shards' sequence source, model folder, (engine, device, dtype)); no model weights loaded,
     nothing tokenized except the first --max-samples sequences when that option is set."""
     model_dir = resolve_model_dir(config.model)
+    check_weight_files(Path(model_dir))  # before anything is written: the engine loads the weights only later
     record = model_record(config.model, model_dir)
     identity = {
         **model_identity(model_dir, name_or_path=record["name_or_path"], gguf_file=config.gguf_file),
@@ -90,6 +91,7 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
         train_on_prompt=config.train_on_prompt,
         max_samples=config.max_samples,
         pack=config.pack,
+        allow_roles=config.allow_roles,
     )
     plan = plan_corpus(config.data, split=config.split)
     check_column(plan, settings["field"], "--messages-field" if config.messages_field else "--text-field")

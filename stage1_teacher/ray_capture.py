@@ -247,7 +247,7 @@ def run_ray(config: TeacherConfig) -> dict:
             config = dataclasses.replace(config, device="cuda")
         spec, source, model_dir, (engine_name, device, dtype) = prepare(config)
         run_dir = config.out.resolve()
-        claim_run_dir(run_dir, spec)
+        spec = claim_run_dir(run_dir, spec)  # the settings on disk (equal, or the same inputs spelled otherwise)
         pending, owned = pending_shards(run_dir, spec, config.shard_index)
         if len(pending) < owned:
             log.info("%d of %d shards already complete; skipping them", owned - len(pending), owned)

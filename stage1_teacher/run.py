@@ -39,7 +39,7 @@ def run(config: TeacherConfig) -> dict:
     # The first shard is read before anything is written or the engine is built: a corpus without a
     # trainable position fails with nothing on disk and no model loaded.
     first = source.sequences(pending[0]) if pending else None
-    claim_run_dir(config.out, spec)
+    spec = claim_run_dir(config.out, spec)  # the settings on disk: equal, or the same inputs spelled otherwise
     if len(pending) < owned:
         log.info("%d of %d shards already complete; skipping them", owned - len(pending), owned)
     receipts = []

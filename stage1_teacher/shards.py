@@ -16,6 +16,7 @@ with one `--finalize` job after the array.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -29,7 +30,18 @@ import numpy as np
 
 from lm.corpus import CorpusPlan, Sequence, load_range
 from lm.loading import load_tokenizer
-from storage import Encoding, RunSpec, ShardReceipt, ShardWriter, build_manifest, missing_shards, mode_of, shard_path
+from storage import (
+    Encoding,
+    RunSpec,
+    ShardReceipt,
+    ShardWriter,
+    build_manifest,
+    load_manifest,
+    missing_shards,
+    mode_of,
+    shard_path,
+)
+from storage.errors import StorageError
 
 from .capture_modes import score_batch, stored_entries
 from .engines.base import Engine
@@ -195,7 +207,8 @@ def finalize(run_dir: Path) -> dict:
             f"{run_dir}: every shard is empty: no range of the corpus holds a trainable sequence "
             f"(empty or invalid rows, or chat rows without assistant turns); check --text-field / --messages-field"
         )
-    m = build_manifest(run_dir)
+    if _manifest_text(run_dir) != json.dumps(m.to_dict(), sort_keys=True):
+        m = build_manifest(run_dir)  # a finished run's manifest is left as it is (its filesystem may be read-only)
     return {
         "run_dir": str(run_dir),
         "rows": m.rows,
@@ -204,6 +217,14 @@ def finalize(run_dir: Path) -> dict:
         "bytes_per_trained_token": m.bytes / max(m.trained_tokens, 1),
         "finalized": True,
     }
+
+
+def _manifest_text(run_dir: Path) -> str | None:
+    """The manifest on disk, canonically serialised; None when it is absent or does not load."""
+    try:
+        return json.dumps(load_manifest(run_dir).to_dict(), sort_keys=True)
+    except (StorageError, OSError):
+        return None
 
 
 def finalize_if_complete(run_dir: Path, spec: RunSpec, summary: dict) -> dict:

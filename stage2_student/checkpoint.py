@@ -152,5 +152,18 @@ def _remove_tree(d: Path, step: int, old: int | None = None) -> None:
     os.rmdir(d)
 
 
+def discard_all(out: Path) -> None:
+    """Remove every checkpoint folder under `out` (--overwrite), each one renamed out of the `step-N` namespace
+    first: a kill in the middle leaves nothing that looks complete. Other files under checkpoints/ stay."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if _CKPT_RE.match(p.name) and p.is_dir():
+            _discard(p, 0)
+        elif p.name.endswith((TMP_SUFFIX, TRASH_SUFFIX)) and _CKPT_RE.match(p.name.rsplit(".", 1)[0]):
+            _remove_tree(p, 0)
+
+
 def read_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / STATE).read_text())

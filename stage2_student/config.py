@@ -115,6 +115,13 @@ class StudentConfig:
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in --out."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into a non-empty --out that is not this run's to resume: replaces label-anneal's files "
+            "there (config.json, metrics.jsonl, checkpoints/, model/); other files are kept."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every N steps."})
     fused_head: str = field(
         default="auto",
@@ -229,6 +236,8 @@ class StudentConfig:
             p.append(f"verify={self.verify!r}: choose checksum, size or none")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             p.append("adam betas must be in [0, 1)")
+        if self.resume and self.overwrite:
+            p.append("--resume continues the run in --out and --overwrite replaces it: give one of them")
         if p:
             raise ValueError("invalid student config:\n  " + "\n  ".join(p))
 
@@ -426,6 +435,10 @@ class MergeConfig:
     out: Path = field(
         metadata={"help": "Output folder for the merged model (Hugging Face format, written atomically)."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing model folder at --out (else a non-empty --out is refused)."},
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -522,7 +535,7 @@ class SweepConfig:
         bad = {k for k in self.student if k not in {f.name for f in dataclasses.fields(StudentConfig)}}
         if bad:
             problems.append(f"unknown student setting(s) {sorted(bad)}")
-        for k in ("run_dir", "out", "kl_weight", "resume"):
+        for k in ("run_dir", "out", "kl_weight", "resume", "overwrite"):
             if k in self.student:
                 problems.append(f"student setting {k!r} is set by the sweep itself")
         if self.eval_seq_len < 2:

@@ -24,7 +24,7 @@ from lm.model_files import resolve_model_dir
 from lm.tokenizer_id import tokenizer_fingerprint
 
 from .config import MergeConfig
-from .model_io import save_hf
+from .model_io import check_replaceable, save_hf
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,13 @@ def _check_compatible(base_cfg, tuned_cfg, base_model, tuned_model) -> None:
         log.warning("base and tuned configs differ in %s; the merged model keeps the tuned model's config", differ)
 
 
-def merge_models(base: str | Path, tuned: str | Path, alpha: float, out: str | Path) -> dict:
+def merge_models(base: str | Path, tuned: str | Path, alpha: float, out: str | Path, overwrite: bool = False) -> dict:
     """Write θ_base + α·(θ_tuned − θ_base) to `out` (HF format, tuned model's dtype and tokenizer).
 
     Returns a summary {out, alpha, tensors, elements, dtype}. Raises ValueError for a negative α, a
     different architecture, parameter names or shapes, or a different tokenizer.
     """
-    return run(MergeConfig(base=str(base), tuned=str(tuned), alpha=alpha, out=Path(out)))
+    return run(MergeConfig(base=str(base), tuned=str(tuned), alpha=alpha, out=Path(out), overwrite=overwrite))
 
 
 def run(config: MergeConfig) -> dict:
@@ -102,6 +102,15 @@ def _merge(config: MergeConfig) -> dict:
     for name, d in (("base", base_dir), ("tuned", tuned_dir)):
         if out.resolve() == Path(d).resolve():
             raise ValueError(f"--out {out} is the {name} model's folder; write the merge to a new folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the merged model")
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            raise ValueError(
+                f"--out {out} is not empty; nothing was changed. Pass --overwrite to replace the model there, or "
+                f"choose a new --out."
+            )
+        check_replaceable(out, "--out")
 
     tok_b, tok_t = load_tokenizer(str(base_dir)), load_tokenizer(str(tuned_dir))
     fp_b, fp_t = tokenizer_fingerprint(tok_b), tokenizer_fingerprint(tok_t)

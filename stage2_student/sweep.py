@@ -46,7 +46,9 @@ def run(config: SweepConfig) -> dict:
         if (out / "model" / "config.json").exists():
             log.info("sweep: %s already trained, skipping", name)
         else:
-            summary = train.run(student.replace(resume=(out / "checkpoints").exists()))
+            resume = (out / "checkpoints").exists()
+            # The sweep's own folder: one without checkpoints (killed before the first) is started over.
+            summary = train.run(student.replace(resume=resume, overwrite=not resume and out.exists()))
             log.info(train.summary_line(summary))
         models[name] = str(out / "model")
         rows[name] = {**desc, "model": str(out / "model")}

@@ -18,6 +18,9 @@ import contextlib
 import json
 import logging
 import math
+import os
+import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +53,7 @@ from .losses import (
     topk_jsd_sum,
     topk_reverse_kl_sum,
 )
-from .model_io import check_student, save_hf
+from .model_io import check_replaceable, check_student, free_bytes, is_student_output, model_bytes, save_hf
 from .regularizers import AnchorPenalty, ReplayMixer, ReplayStream, estimate_fisher, replay_rows
 
 log = logging.getLogger(__name__)
@@ -266,8 +269,11 @@ class Training:
 def setup(config: StudentConfig) -> Training:
     """Accelerator, the run, the student (LoRA, fused head, anchors), replay, optimizer and schedule, online
     teacher, resume, output files; in this order, which fixes how the seeded random streams are used."""
-    # Option combinations this run's capture mode cannot support are refused before anything is loaded.
-    config.check_run(load_run_spec(config.run_dir).capture, config.run_dir)
+    # Option combinations this run's capture mode cannot support are refused before anything is loaded, and so is
+    # an --out that holds something this run must not write over.
+    run_spec = load_run_spec(config.run_dir)
+    config.check_run(run_spec.capture, config.run_dir)
+    check_out(config, run_spec.fingerprint)
     use_cuda = torch.cuda.is_available()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and use_cuda)
     acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
@@ -303,12 +309,13 @@ def setup(config: StudentConfig) -> Training:
         params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
     )
     spe, total = _length(config, len(reader), acc.num_processes)
+    check_free_space(config, model, params, total)
     # Not passed through accelerate.prepare: its wrapper steps the schedule once per process.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, config))
     teacher = _load_online_teacher(config, spec, acc.device) if config.teacher_online else None
     model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)
-    start = _resume(acc, config, replay)
+    start = _resume(acc, config, replay, spec.fingerprint)
     _prepare_outputs(acc, config, total, spec.fingerprint, start)
     loader = RankBatches(
         reader,
@@ -384,11 +391,14 @@ def _load_online_teacher(config: StudentConfig, spec: RunSpec, device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def _resume(acc, config: StudentConfig, replay: ReplayMixer | None) -> int:
+def _resume(acc, config: StudentConfig, replay: ReplayMixer | None, run_fingerprint: str | None = None) -> int:
     """The step to start from: that of the newest complete checkpoint with --resume (its state loaded, the replay
     mixer's included), else 0."""
     out = config.out
     if not config.resume:
+        if config.overwrite and acc.is_main_process:
+            ckpt.discard_all(out)  # --overwrite: this run's checkpoints replace the earlier run's
+        acc.wait_for_everyone()
         if ckpt.latest_checkpoint(out) is not None:
             raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or use a new --out")
         return 0
@@ -397,7 +407,7 @@ def _resume(acc, config: StudentConfig, replay: ReplayMixer | None) -> int:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
         return 0
     state = ckpt.read_state(last)
-    _check_resume(state, config, acc.num_processes, last)
+    _check_resume(state, config, acc.num_processes, last, run_fingerprint)
     if state.get("world_size") != acc.num_processes:
         log.info(
             "resuming a %s-process checkpoint on %d processes (same global batch: same data order)",
@@ -433,12 +443,31 @@ def _prepare_outputs(acc, config: StudentConfig, total: int, run_fingerprint: st
     atomic_write_bytes(metrics_path, "".join(l + "\n" for l in kept).encode())
 
 
-def _check_resume(state: dict, config: StudentConfig, world: int, ckpt_dir: Path) -> None:
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _same_path(key: str, saved, now, state: dict, run_fingerprint: str | None) -> bool:
+    """A path setting spelled differently (relative / absolute, through a link) that names the same thing: the run
+    directory by its fingerprint when the checkpoint recorded one, else any path by its resolved identity."""
+    if key not in ("run_dir", "replay_data") or not isinstance(saved, str) or not isinstance(now, str):
+        return False
+    if key == "run_dir" and state.get("run_fingerprint") is not None:
+        return state["run_fingerprint"] == run_fingerprint
+    try:
+        return Path(saved).resolve() == Path(now).resolve() or os.path.samefile(saved, now)
+    except OSError:
+        return False
+
+
+def _check_resume(
+    state: dict, config: StudentConfig, world: int, ckpt_dir: Path, run_fingerprint: str | None = None
+) -> None:
     saved = state["config"]
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+        f"{_option(k)}: checkpoint {saved.get(k)!r} vs now {v!r}"
         for k, v in config.to_dict().items()
-        if k in _RESUME_KEYS and saved.get(k) != v
+        if k in _RESUME_KEYS and saved.get(k) != v and not _same_path(k, saved.get(k), v, state, run_fingerprint)
     ]
     # The data order depends on G = batch_size · grad_accum · world_size only, not on the three separately.
     saved_world = state.get("world_size")
@@ -552,7 +581,7 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         bar.set_postfix(ce=f"{last['ce']:.3f}", kl=f"{last['kl']:.3f}")
         bar.update(1)
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == t.total):
-            _save_checkpoint(acc, config.out, step + 1, config, world, t.replay)
+            _save_checkpoint(acc, config.out, step + 1, config, world, t.replay, t.reader.spec.fingerprint)
     steps.close()
     checks.finish()  # the run's shards are all checked before its result is saved
     bar.close()
@@ -647,8 +676,113 @@ def save(t: Training, config: StudentConfig) -> Path | None:
     # Collective under FSDP (gathers the shards); a plain state dict otherwise. Every rank must call it.
     full_state = acc.get_state_dict(t.model) if acc.distributed_type.name == "FSDP" else None
     if acc.is_main_process:
-        return save_hf(acc.unwrap_model(t.model), t.tokenizer, config.out / "model", state_dict=full_state)
+        model = acc.unwrap_model(t.model)
+        try:
+            return save_hf(model, t.tokenizer, config.out / "model", state_dict=full_state)
+        except OSError as e:
+            raise ModelSaveError(_rescue(model, t, config, full_state, e)) from None
     return None
+
+
+class ModelSaveError(ValueError):
+    """The final model could not be written; the message says where the trained weights are."""
+
+
+RESCUE_ENV = "LABEL_ANNEAL_RESCUE_DIR"
+
+
+def _rescue(model, t: Training, config: StudentConfig, full_state, error: OSError) -> str:
+    """After a failed final save (a disk that filled up during training): where the trained weights are now, as
+    the error message. A checkpoint of the last step holds them already; otherwise they are saved to another
+    filesystem ($LABEL_ANNEAL_RESCUE_DIR, else the system's temporary directory)."""
+    target = config.out / "model"
+    why = f"could not write the final model to {target} ({error.strerror or error})"
+    final_ckpt = ckpt.checkpoint_dir(config.out, t.total)
+    if ckpt.is_complete(final_ckpt):
+        return (
+            f"{why}. The trained weights are safe in the checkpoint {final_ckpt}: free space on that filesystem, "
+            f"then run the same command with --resume (it writes the model without training again)."
+        )
+    base = Path(os.environ.get(RESCUE_ENV) or tempfile.gettempdir())
+    rescue = base / f"label-anneal-rescue-{config.out.name}-{secrets.token_hex(4)}" / "model"
+    try:
+        rescue.parent.mkdir(parents=True)
+        save_hf(model, t.tokenizer, rescue, state_dict=full_state)
+    except OSError as e2:
+        return (
+            f"{why}, and the fallback copy to {rescue} failed too ({e2.strerror or e2}): the trained weights are "
+            f"lost. Free space (the model needs about {model_bytes(model):,} bytes) and train again; --save-every N "
+            f"keeps checkpoints that survive this."
+        )
+    return (
+        f"{why}. The trained weights were saved to {rescue} instead (a complete Hugging Face model folder): free "
+        f"space, then move that folder to {target}, or use it where it is (`pipeline eval --model {rescue}`)."
+    )
+
+
+def check_out(config: StudentConfig, run_fingerprint: str) -> None:
+    """Refuse an --out this run must not write into, before anything is loaded or written: a file; a non-empty
+    folder that is neither this run's own output resumed (--resume) nor given up (--overwrite); a model/ folder
+    holding files the final save would delete."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (it receives model/, checkpoints/, metrics.jsonl)")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
+        own = is_student_output(out)
+        if config.resume:
+            if own is None:
+                raise ValueError(
+                    f"--out {out} holds no student run to resume (no config.json written by `pipeline student`; "
+                    f"it holds {shown}). Drop --resume and choose an empty --out."
+                )
+            if own.get("run_fingerprint") != run_fingerprint:
+                raise ValueError(
+                    f"--resume: {out} was trained on another run (its config.json names run fingerprint "
+                    f"{own.get('run_fingerprint')}, --run-dir {config.run_dir} has {run_fingerprint}). Resume with "
+                    f"that run's --run-dir, or choose a new --out."
+                )
+        elif not config.overwrite:
+            raise ValueError(
+                f"--out {out} is not empty (it holds {shown}); nothing was changed. Pass --resume to continue the run "
+                f"written there, --overwrite to replace label-anneal's files in it (config.json, metrics.jsonl, "
+                f"checkpoints/, model/; other files are kept), or choose a new --out."
+            )
+    if config.save_model:
+        check_replaceable(out / "model", "--out")
+
+
+def check_free_space(config: StudentConfig, model, params, total: int) -> None:
+    """Refuse to train when the filesystem of --out cannot hold what the run writes: the final model, and with
+    --save-every one checkpoint more than --keep-checkpoints (rotation deletes after the new one is complete)."""
+    weights = model_bytes(model)
+    need_model = weights if config.save_model else 0
+    need_ckpt = 0
+    if config.save_every:
+        # accelerate's state: the weights, AdamW's two fp32 moments per trainable parameter, RNG and schedule
+        per = weights + sum(2 * 4 * p.numel() for p in params)
+        written = min(total // config.save_every + (total % config.save_every != 0), config.keep_checkpoints + 1)
+        have = len(ckpt.complete_checkpoints(config.out))
+        need_ckpt = per * max(written - have, 1 if written else 0)
+    need = need_model + need_ckpt
+    if need == 0:
+        return
+    need += (1 << 20) + need // 50  # tokenizer files, config, metrics: a margin
+    free = free_bytes(config.out)
+    if free < need:
+        parts = f"the final model needs about {need_model:,} bytes" if need_model else ""
+        if need_ckpt:
+            parts += (" and " if parts else "") + (
+                f"the checkpoints (--save-every {config.save_every}, --keep-checkpoints {config.keep_checkpoints}) "
+                f"about {need_ckpt:,}"
+            )
+        raise ValueError(
+            f"--out {config.out}: {parts} ({need:,} bytes with a margin), but its filesystem has {free:,} bytes "
+            f"free. Free space, choose an --out on a larger filesystem"
+            + (", or lower --keep-checkpoints / raise --save-every" if need_ckpt else "")
+            + "; nothing was trained."
+        )
 
 
 def run(config: StudentConfig) -> dict:
@@ -685,7 +819,9 @@ def _metric_lines_up_to(path: Path, step: int) -> list[str]:
     return kept
 
 
-def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: int, replay: ReplayMixer | None) -> None:
+def _save_checkpoint(
+    acc, out: Path, step: int, config: StudentConfig, world: int, replay: ReplayMixer | None, run_fingerprint: str
+) -> None:
     tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.tmp_dir(out, step)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
@@ -695,6 +831,7 @@ def _save_checkpoint(acc, out: Path, step: int, config: StudentConfig, world: in
             "step": step,
             "world_size": world,
             "global_batch": config.batch_size * config.grad_accum * world,
+            "run_fingerprint": run_fingerprint,
             "config": config.to_dict(),
         }
         if replay is not None:  # the mixer's counts and cursor after this step: resume continues them exactly

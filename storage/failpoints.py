@@ -16,6 +16,7 @@ and the process acts on itself when a point of that name is reached with every l
     stop   SIGSTOP: the test sees the process stopped (`os.waitpid(pid, os.WUNTRACED)`), checks the disk, then kills
            or continues it
     term   SIGTERM: a preemption notice at exactly that step, handled as one from outside
+    enospc raise OSError(ENOSPC) there, as a full disk does (a test of the error path that runs on any machine)
 
 Several specs are separated by `;`. The field `hit=N` acts on the Nth matching call only (counted in this process);
 without it, the first match acts. The calls are cheap enough for per-row-group and per-checkpoint steps, not for
@@ -24,6 +25,7 @@ per-token loops. Like etcd's gofail or FreeBSD's fail(9), this is a test hook: n
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -31,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 
 ENV = "LABEL_ANNEAL_FAILPOINTS"
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "enospc": None}
 
 _SPEC_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(?:\{([^}]*)\})?\s*=\s*([a-z]+)\s*$")
 _DECLARED: dict[str, str] = {}
@@ -99,6 +101,8 @@ class Failpoint:
                     where = ", ".join(f"{k}={v}" for k, v in fields.items())
                     # Said before acting, so the test's log shows where the process went.
                     print(f"failpoint {self.name}{{{where}}}: {spec.action}", file=sys.stderr, flush=True)
+                    if spec.action == "enospc":
+                        raise OSError(errno.ENOSPC, f"No space left on device (failpoint {self.name})")
                     # raise_signal, not kill(getpid()): a test may fake getpid (PID 1 in every container)
                     signal.raise_signal(ACTIONS[spec.action])
 

@@ -138,13 +138,29 @@ def claim_run_dir(run_dir: Path, spec: RunSpec) -> RunSpec:
             tmp.discard()
     existing = load_run_spec(run_dir)
     if existing.fingerprint != spec.fingerprint:
-        diffs = existing.diff(spec)
+        diffs = [d for d in existing.diff(spec) if not _same_thing(d.split(":", 1)[0], existing, spec)]
+        if not diffs:
+            # Only the spelling of a path differs (relative vs absolute, another mount point), and the content
+            # fingerprints are equal: the same run. The caller continues with the settings already on disk.
+            return existing
         raise ForeignShardError(
             f"{run_dir} already holds a run with different settings (existing vs now):\n  "
             + "\n  ".join(diffs[:12])
             + f"\nUse a new --out directory, or delete {run_dir} to start over."
         )
     return existing
+
+
+def _same_thing(key: str, a: RunSpec, b: RunSpec) -> bool:
+    """Whether a differing setting is only another spelling of the same input: a corpus path whose content
+    fingerprint is equal, or a model path whose config and weights hashes are equal."""
+    if key == "corpus.source":
+        return a.corpus.get("fingerprint") is not None and a.corpus.get("fingerprint") == b.corpus.get("fingerprint")
+    if key == "teacher.name_or_path":  # a local folder mounted elsewhere (a hub name is a name, not a spelling)
+        paths = [os.path.isabs(str(x.teacher.get("name_or_path"))) for x in (a, b)]
+        same = [a.teacher.get(k) == b.teacher.get(k) for k in ("config_sha256", "weights_sha256")]
+        return all(paths) and all(same) and a.teacher.get("weights_sha256") is not None
+    return False
 
 
 __all__ = ["RunSpec", "claim_run_dir", "load_run_spec", "read_json"]

@@ -73,6 +73,7 @@ def test_teacher_into_run_dir_of_a_different_tokenizer(tmp_path, tiny_model_dir,
     (model / "tokenizer.json").write_text(json.dumps(tok))
     r = cli("teacher", *args, expect_ok=False)
     assert r.exit_code != 0 and "different settings" in r.output and "tokenizer.hash" in r.output, r.output
+    assert "Traceback" not in r.output
     assert "teacher.weights_sha256" not in r.output, "names what differs, nothing else"
     assert str(run) in r.output and "new --out" in r.output
     assert snapshot(run) == before
@@ -113,6 +114,7 @@ def test_student_with_resized_vocabulary_is_refused(tmp_path, tiny_run, tiny_mod
         and f"{TINY_VOCAB_SIZE + 16} vs the teacher's {TINY_VOCAB_SIZE}" in r.output
     )
     assert "tokenizer.hash" not in r.output, "same tokenizer: only the vocabulary is named"
+    assert "Traceback" not in r.output and str(other) in r.output, "names the student folder"
     assert not out.exists(), "refused before anything is written"
     assert snapshot(tiny_run) == before
 
@@ -136,6 +138,7 @@ def test_student_context_shorter_than_the_stored_sequences_is_refused(tmp_path, 
         expect_ok=False,
     )
     assert r.exit_code != 0 and "max_position_embeddings" in r.output, r.output
+    assert "Traceback" not in r.output and str(other) in r.output, "names the student folder"
     assert f"{seq_len}" in r.output and f"{seq_len // 2}" in r.output
     assert not out.exists()
 
@@ -143,14 +146,14 @@ def test_student_context_shorter_than_the_stored_sequences_is_refused(tmp_path, 
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--top-k", -1, "top_k=-1: must be >= 1"),
+        ("--top-k", -1, "--top-k -1: must be >= 1"),
         (
             "--top-k",
             TINY_VOCAB_SIZE + 1,
             f"--top-k {TINY_VOCAB_SIZE + 1} is larger than the teacher's vocabulary ({TINY_VOCAB_SIZE})",
         ),
         ("--seq-len", 513, "--seq-len 513 exceeds the teacher's context (512 positions)"),
-        ("--seq-len", 1, "seq_len=1: must be >= 2"),
+        ("--seq-len", 1, "--seq-len 1: must be >= 2"),
     ],
 )
 def test_bad_option_into_an_existing_run_leaves_it_untouched(small_run, option, value, message):
@@ -159,6 +162,7 @@ def test_bad_option_into_an_existing_run_leaves_it_untouched(small_run, option, 
     i = args.index(option)
     r = cli("teacher", *args[:i], option, value, *args[i + 2 :], expect_ok=False)
     assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
     assert snapshot(run) == before
 
 
@@ -196,7 +200,7 @@ def test_invalid_text_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplo
     with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         cli("teacher", *common, "--data", data, "--out", tmp_path / "mixed")
     msg = " ".join(r.getMessage() for r in caplog.records if r.name == "lm.corpus")
-    assert "skipped 6 empty or non-string rows (rows 1, 3, 4, 6, 9, ...)" in msg, msg
+    assert "skipped 6 rows: 6 empty or non-string rows (rows 2, 4, 5, 7, 10, ...)" in msg, msg
     cli("teacher", *common, "--data", clean, "--out", tmp_path / "clean")
     # The skipped rows contributed nothing: the same stored sequences as the clean corpus (the corpus
     # fingerprint of a run names its input files, so it differs; the content does not).
@@ -237,7 +241,7 @@ def test_invalid_chat_rows_are_counted_and_named(tmp_path, tiny_model_dir, caplo
             tmp_path / "run",
         )
     msg = " ".join(r.getMessage() for r in caplog.records if r.name == "lm.corpus")
-    assert "skipped 6 malformed conversations" in msg and "(rows 1, 2, 4, 5, 6, ...)" in msg, msg
+    assert "skipped 6 rows: 6 malformed conversations" in msg and "(rows 2, 3, 5, 6, 7, ...)" in msg, msg
     assert len(RunReader(tmp_path / "run")) >= 1
 
 
@@ -269,7 +273,7 @@ def test_corpus_with_nothing_valid_is_an_error(tmp_path, tiny_model_dir, field, 
         out,
         expect_ok=False,
     )
-    assert r.exit_code != 0, r.output
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert "bad.jsonl" in r.output and "no trainable position" in r.output
     assert f"read {len(rows)} rows, skipped {len(rows)}" in r.output
     assert not out.exists(), "nothing written"
@@ -341,7 +345,7 @@ def test_nan_or_inf_from_the_engine_is_refused(tmp_path, monkeypatch, scored_run
     _poisoned_score(monkeypatch, target, kind)
     out = tmp_path / "run"
     r = cli("teacher", *args, "--out", out, expect_ok=False)
-    assert r.exit_code != 0 and message in r.output, r.output
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
     assert f"part-00001-of-00002.parquet, sample_id {rows[target].sample_id}" in r.output
     assert [p.name for p in final_shards(out)] == ["part-00000-of-00002.parquet"], "no partial shard 1"
     assert not receipt_path(shard_path(out, 1, 2)).exists() and all_tmps(out) == []
@@ -400,6 +404,7 @@ def test_engine_error_with_a_full_writer_queue_fails_instead_of_hanging(
     out = tmp_path / "run"
     r = cli("teacher", *args, "--out", out, expect_ok=False)
     assert r.exit_code != 0 and f"sample_id {target}" in r.output and "NaN" in r.output, r.output
+    assert "Traceback" not in r.output
     assert final_shards(out) == [] and all_tmps(out) == []
 
 

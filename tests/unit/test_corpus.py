@@ -120,8 +120,8 @@ def test_train_on_prompt_trains_everything(tok, tiny_corpus_dir):
 def test_skipped_rows_are_counted_and_warned(tok, tiny_corpus_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(tiny_corpus_dir / "text.jsonl", tok, seq_len=32)
-    assert r.skipped == 2 and r.skipped_rows == [7, 13]
-    assert "skipped 2" in caplog.text and "rows 7, 13" in caplog.text
+    assert r.skipped == 2 and r.skipped_rows == [8, 14]
+    assert "skipped 2" in caplog.text and "rows 8, 14" in caplog.text
 
 
 def test_malformed_conversations_are_skipped(tok, tmp_path, caplog):
@@ -136,8 +136,8 @@ def test_malformed_conversations_are_skipped(tok, tmp_path, caplog):
     path = _write_jsonl(tmp_path / "c.jsonl", [good[0], *bad, good[1], good[2]])
     with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(path, tok, seq_len=512, pack=False, messages_field="messages")
-    assert r.skipped == 5 and r.skipped_rows == [1, 2, 3, 4, 5] and len(r.sequences) == 3
-    assert "malformed conversations" in caplog.text and "rows 1, 2, 3, 4, 5" in caplog.text
+    assert r.skipped == 5 and r.skipped_rows == [2, 3, 4, 5, 6] and len(r.sequences) == 3
+    assert "malformed conversations" in caplog.text and "rows 2, 3, 4, 5, 6" in caplog.text
 
 
 def test_conversation_without_assistant_is_dropped(tok):
@@ -255,10 +255,10 @@ def test_conversations_the_template_refuses_are_skipped(tiny_tokenizer_dir, capl
         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    rows = tiny_chat_rows()[:4]  # row 0 has a system turn
+    rows = tiny_chat_rows()[:4]  # row 1 (counted from 1) has a system turn
     with caplog.at_level(logging.WARNING, logger="lm.corpus"):
         r = load_sequences(rows, tok, seq_len=512, pack=False, messages_field="messages")
-    assert r.skipped == 1 and r.skipped_rows == [0] and len(r.sequences) == 3
+    assert r.skipped == 1 and r.skipped_rows == [1] and len(r.sequences) == 3
     assert "no system turns" in caplog.text
 
 
