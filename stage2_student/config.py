@@ -14,6 +14,8 @@ from pathlib import Path
 
 from storage import mode_of
 
+from .trackers import parse_report_to
+
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -154,10 +156,43 @@ class StudentConfig:
     save_model: bool = field(
         default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."}
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment trackers, through accelerate's: tensorboard | wandb | mlflow | none, comma-separated "
+            "for several. They get the metrics.jsonl numbers (train/..., eval/NAME/...); TensorBoard and W&B "
+            "offline files go under OUT/trackers."
+        },
+    )
+    tracker_project: str = field(
+        default="label-anneal", metadata={"help": "Project (TensorBoard folder, W&B project, MLflow experiment)."}
+    )
+    eval_data: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "NAME=PATH held-out text corpus scored during training (repeat): NLL and exact KL(base‖student) "
+            "per trained position, base = the run's teacher, whose log-probs are computed once at the start and "
+            "cached in OUT/live_eval (stage2_student/live_eval.py).",
+            "metavar": "NAME=PATH",
+        },
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Score the --eval-data sets every N optimizer steps (0: only after the last step)."},
+    )
+    eval_max_sequences: int = field(
+        default=16,
+        metadata={
+            "help": "Sequences of the run's --seq-len per --eval-data set (the first ones); bounds the time per "
+            "evaluation and the cached base log-probs (positions × vocabulary × 4 bytes)."
+        },
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         object.__setattr__(self, "out", Path(self.out))
+        eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data or ())
+        object.__setattr__(self, "eval_data", eval_data)
         p = []
 
         def finite(x):
@@ -229,12 +264,25 @@ class StudentConfig:
             p.append(f"verify={self.verify!r}: choose checksum, size or none")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             p.append("adam betas must be in [0, 1)")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            p.append(str(e))
+        if self.eval_data:
+            p += [f"--eval-{m}" for m in parse_data(self.eval_data)[1]]
+        elif self.eval_every:
+            p.append(f"--eval-every {self.eval_every} without --eval-data: give the sets to score, as NAME=PATH")
+        if self.eval_every < 0:
+            p.append(f"--eval-every {self.eval_every}: must be >= 0")
+        if self.eval_max_sequences < 1:
+            p.append(f"--eval-max-sequences {self.eval_max_sequences}: must be >= 1")
         if p:
             raise ValueError("invalid student config:\n  " + "\n  ".join(p))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["run_dir"], d["out"] = str(self.run_dir), str(self.out)
+        d["eval_data"] = list(self.eval_data)
         return d
 
     def run_problems(self, capture: dict) -> list[str]:
