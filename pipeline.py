@@ -164,7 +164,8 @@ def teacher(finalize_dir: Path | None, **params):
 @config_option
 @options_from(__import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig)
 def student(**params):
-    """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). No teacher is loaded."""
+    """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). The teacher is not run during
+    training (with --eval-data it is run once at the start, over the eval sets, then freed)."""
     from stage2_student.config import StudentConfig
     from stage2_student.train import run, summary_line
     from storage.errors import StorageError
@@ -178,20 +179,11 @@ def student(**params):
 
 @cli.command("eval")
 @config_option
-@options_from(__import__("stage2_student.config", fromlist=["EvalConfig"]).EvalConfig, skip=("data",))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    metavar="NAME=PATH",
-    help=__import__("stage2_student.config", fromlist=["EvalConfig"])
-    .EvalConfig.__dataclass_fields__["data"]
-    .metadata["help"]
-    + "  [required]",
-)
+@options_from(__import__("stage2_student.config", fromlist=["EvalConfig"]).EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 def eval_(as_json: bool, **params):
-    """Per-token NLL, perplexity and KL(base‖model) of a model on named corpora (+ optional lm-eval tasks)."""
+    """Per-token NLL, perplexity, bits per byte and KL(base‖model) of a model on named corpora (+ optional lm-eval
+    tasks). --convention says which tokens are scored: packed (training's, the default) or lm-eval's."""
     from stage2_student.config import EvalConfig
     from stage2_student.evaluate import format_table, run
 

@@ -59,6 +59,8 @@ class ShardSource:
     num_shards: int
     tokenizer_dir: str
     gguf_file: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # --chat-template's text, replacing the tokenizer's own
     prefix: list[Sequence] | None = None
     _tokenizer: object = field(default=None, repr=False)
 
@@ -68,7 +70,12 @@ class ShardSource:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_dir, self.gguf_file)
+            self._tokenizer = load_tokenizer(
+                self.tokenizer_dir,
+                self.gguf_file,
+                trust_remote_code=self.trust_remote_code,
+                chat_template=self.chat_template,
+            )
         return self._tokenizer
 
     def sequences(self, index: int) -> list[Sequence]:

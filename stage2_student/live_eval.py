@@ -75,6 +75,7 @@ def prepare(acc, config, spec, tokenizer) -> list[EvalSet]:
     if problems:  # checked again here: the files may have gone since the config was built
         raise ValueError("--eval-data: " + "; ".join(problems))
     teacher = {k: spec.teacher.get(k) for k in ("name_or_path", "gguf_file", "revision")}
+    teacher["trust_remote_code"] = config.trust_remote_code  # trusted by this command line, not by run.json
     pending = []
     sets = []
     for name, path in corpora.items():
@@ -101,7 +102,13 @@ def prepare(acc, config, spec, tokenizer) -> list[EvalSet]:
 
 
 def _write_base_logprobs(teacher: dict, pending, device) -> None:
-    base = load_causal_lm(teacher["name_or_path"], teacher["gguf_file"]).to(device).eval().requires_grad_(False)
+    base = load_causal_lm(
+        teacher["name_or_path"],
+        teacher["gguf_file"],
+        revision=teacher["revision"],
+        trust_remote_code=bool(teacher.get("trust_remote_code")),
+    )
+    base = base.to(device).eval().requires_grad_(False)
     try:
         for name, batches, file, positions in pending:
             vocab = base.get_output_embeddings().weight.shape[0]
@@ -120,7 +127,7 @@ def _write_base_logprobs(teacher: dict, pending, device) -> None:
                 pos = 0
                 with torch.inference_mode():
                     for ids, mask in batches:
-                        z = base(input_ids=ids.to(device)).logits[:, :-1][mask.to(device)]  # (N, V)
+                        z = base(input_ids=ids[:, :-1].to(device)).logits[mask.to(device)]  # (N, V)
                         for s in range(0, z.shape[0], _CHUNK):
                             lp = torch.log_softmax(z[s : s + _CHUNK].float(), dim=-1)
                             arr[pos : pos + lp.shape[0]] = lp.cpu().numpy()
@@ -153,7 +160,7 @@ def evaluate(model, sets: list[EvalSet], device) -> dict[str, dict]:
                 for ids, mask in s.batches:
                     mask = mask.to(device)
                     ids = ids.to(device)
-                    z = model(input_ids=ids).logits[:, :-1][mask]  # (N, V)
+                    z = model(input_ids=ids[:, :-1]).logits[mask]  # (N, V); the last id is only a target
                     labels = ids[:, 1:][mask]
                     for c in range(0, z.shape[0], _CHUNK):
                         zc = z[c : c + _CHUNK]

@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from lm.corpus import load_sequences
-from lm.loading import load_causal_lm, load_tokenizer
+from lm.loading import load_causal_lm, load_tokenizer, read_chat_template
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.run_reader import RunReader
 from storage.spec import RunSpec, load_run_spec
@@ -357,8 +357,12 @@ def _load_student(config: StudentConfig, spec: RunSpec):
     """(tokenizer, model): --model, or the teacher recorded in the run; checked against the run; LoRA applied."""
     model_name = config.model or spec.teacher["name_or_path"]
     gguf = config.gguf_file if config.model else (config.gguf_file or spec.teacher.get("gguf_file"))
-    tokenizer = load_tokenizer(model_name, gguf)
-    model = load_causal_lm(model_name, gguf)
+    # Without --model: the very commit the teacher was (run.json), unless --revision says otherwise.
+    revision = config.revision or (None if config.model else spec.teacher.get("revision"))
+    template = read_chat_template(config.chat_template) or spec.teacher.get("chat_template")
+    hub = {"revision": revision, "trust_remote_code": config.trust_remote_code}
+    tokenizer = load_tokenizer(model_name, gguf, chat_template=template, **hub)
+    model = load_causal_lm(model_name, gguf, **hub)
     check_student(spec, tokenizer, model, where=f"student {model_name!r}")
     if config.lora_r:
         model = _apply_lora(model, config)
@@ -367,7 +371,13 @@ def _load_student(config: StudentConfig, spec: RunSpec):
 
 def _eval_tokenizer(config: StudentConfig, spec: RunSpec):
     """The tokenizer of the run's teacher (the base of --eval-data; the student must share it, `check_student`)."""
-    return load_tokenizer(spec.teacher["name_or_path"], spec.teacher.get("gguf_file"))
+    return load_tokenizer(
+        spec.teacher["name_or_path"],
+        spec.teacher.get("gguf_file"),
+        revision=spec.teacher.get("revision"),
+        trust_remote_code=config.trust_remote_code,
+        chat_template=spec.teacher.get("chat_template"),
+    )
 
 
 def _load_replay(config: StudentConfig, tokenizer, seq_len: int) -> ReplayMixer | None:
