@@ -73,7 +73,9 @@ def options_from(config_cls, *, skip: tuple[str, ...] = ()):
                 help_ += "  [required]"
             if hints[fld.name] is bool:
                 opt = click.option(f"{name}/--no-{name[2:]}", fld.name, default=None, help=help_)
-            elif typing.get_origin(hints[fld.name]) is tuple:  # a repeatable option, e.g. --eval-data A=x --eval-data B=y
+            elif (
+                typing.get_origin(hints[fld.name]) is tuple
+            ):  # a repeatable option, e.g. --eval-data A=x --eval-data B=y
                 opt = click.option(name, fld.name, multiple=True, metavar=fld.metadata.get("metavar"), help=help_)
             else:
                 opt = click.option(name, fld.name, type=_click_type(hints[fld.name]), default=None, help=help_)

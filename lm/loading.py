@@ -58,7 +58,9 @@ def read_chat_template(path: str | os.PathLike | None, *, option: str = "--chat-
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{option} {path}: cannot read it ({type(e).__name__}: {e}); pass a Jinja template file")
+        raise ValueError(
+            f"{option} {path}: cannot read it ({type(e).__name__}: {e}); pass a Jinja template file"
+        ) from None
     if not text.strip():
         raise ValueError(f"{option} {path}: the file is empty; pass a Jinja chat template")
     return text

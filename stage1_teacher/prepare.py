@@ -71,8 +71,9 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     }
     engine, device, dtype = resolve_engine_and_dtype(config)
     if config.trust_remote_code and engine != "hf":
-        raise ValueError(f"--trust-remote-code is supported with the hf engine only here (--engine {engine}); "
-                         f"pass --engine hf")
+        raise ValueError(
+            f"--trust-remote-code is supported with the hf engine only here (--engine {engine}); pass --engine hf"
+        )
     mode = mode_of({"mode": config.resolved_capture(engine)})
     if mode.name != config.capture:
         log.info("--capture auto: %s with the %s engine", mode.name, engine)

@@ -386,9 +386,7 @@ class EvalConfig:
     base_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --base's folder."})
     seq_len: int = field(
         default=512,
-        metadata={
-            "help": "packed: tokens per packed sequence; lm-eval: the context window (lm-eval's max_length)."
-        },
+        metadata={"help": "packed: tokens per packed sequence; lm-eval: the context window (lm-eval's max_length)."},
     )
     convention: str = field(
         default="packed",

@@ -399,9 +399,7 @@ def format_table(result: dict) -> str:
     for name, m in result["corpora"].items():
         kl = "-" if m["kl"] is None else f"{m['kl']:.6f}"
         bpb = "-" if m.get("bits_per_byte") is None else f"{m['bits_per_byte']:.4f}"
-        lines.append(
-            f"{name:<{width}}  {m['tokens']:>10,}  {m['nll']:>8.4f}  {m['ppl']:>10.3f}  {bpb:>9}  {kl:>10}"
-        )
+        lines.append(f"{name:<{width}}  {m['tokens']:>10,}  {m['nll']:>8.4f}  {m['ppl']:>10.3f}  {bpb:>9}  {kl:>10}")
     if result.get("lm_eval"):
         lines += ["", f"{'lm-eval task':<24}  {'metric':<20}  {'value':>10}"]
         for task, metrics in result["lm_eval"].items():

@@ -166,7 +166,7 @@ def evaluate(model, sets: list[EvalSet], device) -> dict[str, dict]:
                         zc = z[c : c + _CHUNK]
                         lp = torch.log_softmax(zc.float(), dim=-1)  # (C, V)
                         nll -= lp.gather(1, labels[c : c + _CHUNK, None]).sum(dtype=torch.float64)
-                        t = torch.from_numpy(np.ascontiguousarray(s.base[pos : pos + zc.shape[0]])).to(device)
+                        t = torch.from_numpy(np.array(s.base[pos : pos + zc.shape[0]])).to(device)  # a copy
                         if t.shape[1] != zc.shape[1]:
                             raise ValueError(
                                 f"--eval-data {s.name}: the student's logits have {zc.shape[1]} entries but the "
@@ -185,4 +185,3 @@ def due(config, step: int, total: int) -> bool:
     if not config.eval_data:
         return False
     return step == total or (config.eval_every > 0 and step % config.eval_every == 0)
-

@@ -252,7 +252,7 @@ def tradeoff_figure(table: list[dict], target: str):
         ax.set_xlabel(f"forgetting: {c} NLL increase over base (nats/token)")
         ax.set_ylabel(f"gain: {target} NLL decrease (nats/token)")
         ax.set_title(f"{target} gain vs {c} forgetting")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
         # The label column: top to bottom in the order of the points' heights, evenly spaced in axes fraction.
         points.sort(key=lambda p: -p[1])
         n = len(points)

@@ -107,8 +107,8 @@ def test_live_eval_equals_pipeline_eval_and_tensorboard_reads_back(tmp_path, tin
     assert np.load(cache, mmap_mode="r").shape == (ref["tokens"], 384)
 
     # TensorBoard: the event files hold the metrics.jsonl numbers at their steps.
-    (run,) = [p for p in (out / "trackers").rglob("events.out.tfevents.*")]
-    ea = EventAccumulator(str(run.parent))
+    # (accelerate's TensorBoard tracker writes the scalars in OUT/trackers/PROJECT, the hparams in a sub-folder)
+    ea = EventAccumulator(str(out / "trackers" / "label-anneal"))
     ea.Reload()
     for key, field in (("train/ce", "ce"), ("train/kl", "kl"), ("train/lr", "lr")):
         got = {e.step: e.value for e in ea.Scalars(key)}

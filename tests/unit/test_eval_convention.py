@@ -36,7 +36,7 @@ def test_rolling_windows_score_every_token_once_in_order(n, max_len):
     assert windows[0][0][0] == 7  # the prefix token, never a target
     for ids, mask in windows:
         assert len(mask) == len(ids) - 1 <= max_len  # at most max_len ids run through the model
-    for ids, mask in windows[1:]:
+    for ids, _mask in windows[1:]:
         assert len(ids) == max_len + 1  # later windows have the full context
 
 
@@ -61,7 +61,12 @@ def _reference(model_dir, texts, max_len):
 
 def test_lm_eval_convention_and_bits_per_byte_match_hand_computation(tiny_model_dir, docs_jsonl):
     res = evaluate_models(
-        {"m": str(tiny_model_dir)}, None, {"d": docs_jsonl}, seq_len=16, batch_size=3, device="cpu",
+        {"m": str(tiny_model_dir)},
+        None,
+        {"d": docs_jsonl},
+        seq_len=16,
+        batch_size=3,
+        device="cpu",
         convention="lm-eval",
     )["m"]["corpora"]["d"]
     nll, n = _reference(tiny_model_dir, DOCS, 16)
@@ -93,7 +98,12 @@ def test_matches_lm_eval_loglikelihood_rolling(tiny_model_dir, docs_jsonl):
     reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(DOCS)]
     ll = sum(lm.loglikelihood_rolling(reqs, disable_tqdm=True))
     ours = evaluate_models(
-        {"m": str(tiny_model_dir)}, None, {"d": docs_jsonl}, seq_len=16, batch_size=3, device="cpu",
+        {"m": str(tiny_model_dir)},
+        None,
+        {"d": docs_jsonl},
+        seq_len=16,
+        batch_size=3,
+        device="cpu",
         convention="lm-eval",
     )["m"]["corpora"]["d"]
     assert ours["nll"] * ours["tokens"] == pytest.approx(-ll, abs=1e-4 * ours["tokens"])

@@ -150,9 +150,7 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, other_model_dir, text_
     )
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["model", str(other_model_dir)] and lines[1].split() == ["base", str(tiny_model_dir)]
-    header = next(
-        i for i, l in enumerate(lines) if l.split() == ["corpus", "tokens", "nll", "ppl", "bits/byte", "kl"]
-    )
+    header = next(i for i, l in enumerate(lines) if l.split() == ["corpus", "tokens", "nll", "ppl", "bits/byte", "kl"])
     assert [l.split()[0] for l in lines[header + 1 :]] == ["target", "retention"]
     saved = json.loads(out.read_text())
     assert saved["model"] == str(other_model_dir) and saved["base"] == str(tiny_model_dir)

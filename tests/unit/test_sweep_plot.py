@@ -10,6 +10,8 @@ import pytest
 from stage2_student.sweep import plot_tradeoff, tradeoff_figure
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is in the dev extra ([plot])")
+import matplotlib.pyplot  # noqa: E402
+import matplotlib.text  # noqa: E402
 
 
 def _table(n_lrs=2, lams=(0, 0.3, 1, 3), with_std=False):
@@ -42,7 +44,8 @@ def test_labels_do_not_overlap(n_lrs):
     renderer = fig.canvas.get_renderer()
     texts = [a for ax in fig.axes for a in ax.texts]
     assert len(texts) == sum(1 for r in table if r["knob"])  # every labelled point has its label
-    boxes = [t.get_window_extent(renderer) for t in texts]
+    # the text's own box (an Annotation's get_window_extent also covers its leader line)
+    boxes = [matplotlib.text.Text.get_window_extent(t, renderer) for t in texts]
     for a, b in itertools.combinations(boxes, 2):
         assert not a.overlaps(b), (a, b)
     # and all labels lie inside the saved figure
