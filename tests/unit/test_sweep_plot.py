@@ -9,7 +9,7 @@ import pytest
 
 from stage2_student.sweep import plot_tradeoff, tradeoff_figure
 
-matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is in the dev extra ([plot])")
+pytest.importorskip("matplotlib", reason="matplotlib is in the dev extra ([plot])")
 import matplotlib.pyplot  # noqa: E402
 import matplotlib.text  # noqa: E402
 
