@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from stage2_student.sweep import plot_tradeoff, tradeoff_figure
@@ -66,3 +67,41 @@ def test_seed_spread_is_drawn_as_error_bars(tmp_path):
     matplotlib.pyplot.close(fig)
     plot_tradeoff(_table(2, with_std=True), "target", tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_train_each_configuration_once_per_seed_and_average(tmp_path):
+    from stage2_student.config import SweepConfig
+    from stage2_student.sweep import format_markdown, tradeoff_table
+
+    cfg = SweepConfig(run_dir=tmp_path, out=tmp_path / "o", kl_weights="0,1", lrs="1e-4", seeds="0,1,2")
+    plan = cfg.plan()
+    assert [n for n, _, _ in plan] == [f"kl{k}_lr0.0001_seed{s}" for s in (0, 1, 2) for k in (0, 1)]
+    assert all(o["seed"] == d["seed"] and d["config"] == n.rsplit("_seed", 1)[0] for n, o, d in plan)
+    assert [n for n, _, _ in SweepConfig(run_dir=tmp_path, out=tmp_path, kl_weights="1").plan()] == ["kl1_lr2e-05"]
+
+    # rows as run() builds them; gains 0.1, 0.2, 0.4 over the seeds for λ=1
+    rows = {"base": {"method": "base", "eval": {"target": {"nll": 2.0}, "prose": {"nll": 3.0, "kl": 0.0}}}}
+    for n, _, d in plan:
+        g = {0: 0.1, 1: 0.2, 2: 0.4}[d["seed"]] if d["kl_weight"] == 1 else 0.5
+        rows[n] = {**d, "eval": {"target": {"nll": 2.0 - g}, "prose": {"nll": 3.0 + g / 2, "kl": g}}}
+    table = {l["name"]: l for l in tradeoff_table(rows, "target")}
+    assert set(table) == {"base", "kl0_lr0.0001", "kl1_lr0.0001"}
+    lam1 = table["kl1_lr0.0001"]
+    assert lam1["seeds"] == 3
+    assert lam1["target_gain"] == pytest.approx(np.mean([0.1, 0.2, 0.4]))
+    assert lam1["target_gain_std"] == pytest.approx(np.std([0.1, 0.2, 0.4], ddof=1))
+    assert lam1["prose_forgetting_std"] == pytest.approx(np.std([0.05, 0.1, 0.2], ddof=1))
+    assert table["kl0_lr0.0001"]["target_gain_std"] == pytest.approx(0.0, abs=1e-12)
+    md = format_markdown(list(table.values()), "target")
+    assert f"+{lam1['target_gain']:.3f} ± {lam1['target_gain_std']:.3f}" in md
+
+
+@pytest.mark.parametrize(
+    "seeds, student, msg",
+    [("0,x", {}, "--seeds '0,x'"), ("1,1", {}, "distinct"), ("0,1", {"seed": 3}, "either --seed or --seeds")],
+)
+def test_bad_seeds_are_refused(tmp_path, seeds, student, msg):
+    from stage2_student.config import SweepConfig
+
+    with pytest.raises(ValueError, match=msg):
+        SweepConfig(run_dir=tmp_path, out=tmp_path, seeds=seeds, student=student)
