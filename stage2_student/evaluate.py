@@ -7,8 +7,8 @@ full-vocabulary KL(base‖model) per token against a base model (how far fine-tu
 Python: `run(EvalConfig(...))` for one model, `evaluate_models({...}, base, {...})` for many (the
 sweep): every corpus is tokenized once and the base is loaded once.
 
-Tokens: which are scored (`--convention`). The two conventions differ on the same document (e.g. NLL 1.7275
-packed vs 1.7513 lm-eval on one SmolLM2 document): they score different tokens, not the same tokens differently.
+Tokens: which are scored (`--convention`). The two conventions give different numbers on the same document: they
+score different tokens, not the same tokens differently.
 - `packed` (default, training's): each corpus goes through `lm.corpus.load_sequences` in plain-text mode,
   packed, with the (shared) tokenizer: documents tokenized as the teacher stores them (with the BOS the
   tokenizer adds, if any), each followed by EOS, packed into `seq_len` sequences. Every position after a
