@@ -106,5 +106,9 @@ def log(acc, report_to: str, metrics: dict) -> None:
 
 
 def finish(acc, report_to: str) -> None:
+    """Close the trackers (flush TensorBoard, end the W&B / MLflow run). Not `acc.end_training()`: that also
+    destroys the process group, which the rest of `train.run` (and a sweep's next student) still uses."""
     if parse_report_to(report_to):
-        acc.end_training()
+        for tracker in acc.trackers:
+            tracker.finish()
+        acc.trackers.clear()

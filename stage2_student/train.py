@@ -687,8 +687,7 @@ def run(config: StudentConfig) -> dict:
     last, tokens_done = fit(t, config)
     model_dir = save(t, config)
     elapsed = time.perf_counter() - t_start
-    if t.acc.is_main_process:
-        trackers.finish(t.acc, config.report_to)
+    trackers.finish(t.acc, config.report_to)  # a no-op on the other processes (they hold no trackers)
     t.acc.wait_for_everyone()
     return {
         "out": str(config.out),
