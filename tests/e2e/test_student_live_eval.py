@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -190,3 +191,29 @@ def test_every_dtype_spelling_is_accepted(tmp_path, tiny_run):
     for spelling, canon in (("float32", "fp32"), ("fp32", "fp32"), ("bfloat16", "bf16"), ("BF16", "bf16")):
         assert StudentConfig(run_dir=tiny_run, out=tmp_path, precision=spelling).precision == canon
         EvalConfig(model="m", data=(f"x={tiny_run}",), dtype=spelling)
+
+
+@pytest.mark.distributed
+def test_two_processes_log_the_same_eval_as_one(tmp_path, tiny_run, tiny_corpus_dir):
+    """Under DDP every process scores the eval sets (a collective forward under FSDP); the main one logs them and
+    closes the trackers without tearing down the process group the run still uses."""
+    import subprocess
+    import sys
+
+    from e2e_helpers import REPO
+
+    held = _held_out(tmp_path, tiny_corpus_dir)
+    args = [*map(str, _common(tiny_run, held)), "--report-to", "tensorboard"]
+    cli("student", *args, "--batch-size", 4, "--out", tmp_path / "one")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(REPO / "pipeline.py"), "student", *args, "--batch-size", "2", "--out", str(tmp_path / "two")]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in two if "eval" in r] == [2, 4]
+    for a, b in zip(one, two):
+        if "eval" in a:
+            assert b["eval"]["held"]["nll"] == pytest.approx(a["eval"]["held"]["nll"], rel=1e-4)
+            assert b["eval"]["held"]["kl"] == pytest.approx(a["eval"]["held"]["kl"], rel=1e-3, abs=1e-7)
+    assert list((tmp_path / "two" / "trackers" / "label-anneal").glob("events.out.tfevents.*"))
