@@ -79,9 +79,12 @@ def prepare(acc, config, spec, tokenizer) -> list[EvalSet]:
     pending = []
     sets = []
     for name, path in corpora.items():
-        res = load_sequences(
-            path, tokenizer, seq_len=spec.seq_len, text_field="text", max_samples=config.eval_max_sequences, pack=True
-        )
+        try:
+            res = load_sequences(
+                path, tokenizer, seq_len=spec.seq_len, text_field="text", max_samples=config.eval_max_sequences
+            )
+        except ValueError as e:  # e.g. no "text" column: name the option as typed
+            raise ValueError(f"--eval-data {name}={path}: {e} (eval sets are plain text in a 'text' column)") from None
         if res.trained_positions == 0:
             raise ValueError(f"--eval-data {name}={path}: no text to evaluate on (no trained positions)")
         batches = _batches(res.sequences, config.batch_size)

@@ -217,3 +217,10 @@ def test_two_processes_log_the_same_eval_as_one(tmp_path, tiny_run, tiny_corpus_
             assert b["eval"]["held"]["nll"] == pytest.approx(a["eval"]["held"]["nll"], rel=1e-4)
             assert b["eval"]["held"]["kl"] == pytest.approx(a["eval"]["held"]["kl"], rel=1e-3, abs=1e-7)
     assert list((tmp_path / "two" / "trackers" / "label-anneal").glob("events.out.tfevents.*"))
+
+
+def test_eval_set_without_text_column_names_the_option(tmp_path, tiny_run, tiny_corpus_dir):
+    chat = tiny_corpus_dir / "chat.jsonl"  # conversations in a `messages` column, no `text`
+    r = cli("student", "--run-dir", tiny_run, "--out", tmp_path / "o", "--eval-data", f"c={chat}", expect_ok=False)
+    assert r.exit_code == 1 and f"--eval-data c={chat}" in r.output and "'text'" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o" / "model").exists()
