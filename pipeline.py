@@ -76,6 +76,10 @@ def options_from(config_cls, *, skip: tuple[str, ...] = ()):
                 help_ += "  [required]"
             if hints[fld.name] is bool:
                 opt = click.option(f"{name}/--no-{name[2:]}", fld.name, default=None, help=help_)
+            elif (
+                typing.get_origin(hints[fld.name]) is tuple
+            ):  # a repeatable option, e.g. --eval-data A=x --eval-data B=y
+                opt = click.option(name, fld.name, multiple=True, metavar=fld.metadata.get("metavar"), help=help_)
             else:
                 opt = click.option(name, fld.name, type=_click_type(hints[fld.name]), default=None, help=help_)
             f = opt(f)
@@ -150,7 +154,9 @@ def cli_errors(*config_classes):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int):
-    """Offline label annealing: capture a teacher's top-k once, fine-tune against it without forgetting."""
+    """Offline label annealing: capture a frozen teacher's soft labels once (by default 32 sampled draws per
+    position with the hf engine; top-k log-probs with vLLM or --capture topk), fine-tune against them without
+    forgetting."""
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -161,7 +167,8 @@ def cli(verbose: int):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(run_dir: Path, as_json: bool):
-    """Show what a run directory holds: shards, rows, trained tokens, k, bytes per trained token."""
+    """Show what a run directory holds: capture mode and what each position stores (sampled draws or top-k),
+    shards, rows, trained tokens, bytes per trained token."""
     from storage.errors import StorageError
     from storage.inspect_run import format_table, summarize
 
@@ -183,7 +190,9 @@ def inspect(run_dir: Path, as_json: bool):
     help="Only check that every shard of RUN_DIR is present and write its manifest.",
 )
 def teacher(finalize_dir: Path | None, **params):
-    """Stage 1: score a corpus with the frozen teacher and store its top-k log-probs as shards."""
+    """Stage 1: score a corpus with the frozen teacher and store its soft labels as shards: by default N sampled
+    draws per trained position (distinct ids with counts; hf engine), or the top-k log-probs + tail mass (--capture
+    topk, the vLLM default), topp or hybrid."""
     from stage1_teacher.config import TeacherConfig
     from stage1_teacher.run import run
     from stage1_teacher.shards import finalize, summary_line
@@ -204,7 +213,8 @@ def teacher(finalize_dir: Path | None, **params):
 @config_option
 @options_from(__import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig)
 def student(**params):
-    """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). No teacher is loaded."""
+    """Stage 2: train the student on the stored labels: CE + λ·KL(teacher‖student). The teacher is not run during
+    training (with --eval-data it is run once at the start, over the eval sets, then freed)."""
     from stage2_student.config import StudentConfig
     from stage2_student.train import run, summary_line
 
@@ -215,20 +225,11 @@ def student(**params):
 
 @cli.command("eval")
 @config_option
-@options_from(__import__("stage2_student.config", fromlist=["EvalConfig"]).EvalConfig, skip=("data",))
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    metavar="NAME=PATH",
-    help=__import__("stage2_student.config", fromlist=["EvalConfig"])
-    .EvalConfig.__dataclass_fields__["data"]
-    .metadata["help"]
-    + "  [required]",
-)
+@options_from(__import__("stage2_student.config", fromlist=["EvalConfig"]).EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 def eval_(as_json: bool, **params):
-    """Per-token NLL, perplexity and KL(base‖model) of a model on named corpora (+ optional lm-eval tasks)."""
+    """Per-token NLL, perplexity, bits per byte and KL(base‖model) of a model on named corpora (+ optional lm-eval
+    tasks). --convention says which tokens are scored: packed (training's, the default) or lm-eval's."""
     from stage2_student.config import EvalConfig
     from stage2_student.evaluate import format_table, run
 
@@ -259,7 +260,7 @@ def merge(**params):
 )
 @options_from(
     __import__("stage2_student.config", fromlist=["StudentConfig"]).StudentConfig,
-    skip=("run_dir", "out", "kl_weight", "resume", "overwrite"),
+    skip=("run_dir", "out", "kl_weight", "resume", "overwrite", "eval_data", "eval_every", "eval_max_sequences"),
 )
 def sweep(**params):
     """Train one student per λ (and per lr / baseline knob) from the same stored labels, evaluate all,

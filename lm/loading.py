@@ -18,41 +18,34 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .dtypes import DTYPE_NAMES, canonical_dtype  # noqa: F401  (re-exported: the one table)
 from .model_files import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
-# Every spelling an option accepts -> the canonical name (torch's and vLLM's).
-DTYPE_NAMES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
 CACHE_ENV = "LABEL_ANNEAL_CACHE"
 # Written last into a converted folder; a folder without it (or with another source) is not used.
 _DONE_MARKER = "label_anneal_source.json"
-
-
-def canonical_dtype(name: str, *, option: str = "dtype") -> str:
-    """ "bf16" -> "bfloat16" etc.; an unknown name is an error naming the option and the choices."""
-    try:
-        return DTYPE_NAMES[name]
-    except KeyError:
-        raise ValueError(f"{option}={name!r}: choose one of {', '.join(DTYPE_NAMES)}") from None
 
 
 def torch_dtype(name: str, *, option: str = "dtype") -> torch.dtype:
     return getattr(torch, canonical_dtype(name, option=option))
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None):
-    """The tokenizer of a model folder, hub name or GGUF file inside a folder."""
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    gguf_file: str | None = None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+):
+    """The tokenizer of a model folder, hub name or GGUF file inside a folder. chat_template: a Jinja template's
+    text that replaces the tokenizer's own (`--chat-template FILE`; `read_chat_template` reads it)."""
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    path = resolve_model_dir(os.fspath(name_or_path))
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    path = resolve_model_dir(os.fspath(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
     if not gguf_file and Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         raise ValueError(
             f"{path}: no tokenizer files (tokenizer.json is missing, and so are {', '.join(TOKENIZER_FILES[1:])}). "
@@ -60,31 +53,59 @@ def load_tokenizer(name_or_path: str | os.PathLike, gguf_file: str | None = None
             f"`tokenizer.save_pretrained('{path}')` writes them)."
         )
     try:
-        return AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from e
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
 
 
 # Any one of these lets transformers build a tokenizer (fast, sentencepiece or BPE vocab files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
-def model_limits(model_dir: Path, gguf_file: str | None = None) -> tuple[int, int | None]:
+def read_chat_template(path: str | os.PathLike | None, *, option: str = "--chat-template") -> str | None:
+    """The text of a --chat-template FILE (a Jinja template), or None; a clear error for a missing or empty file."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{option} {path}: cannot read it ({type(e).__name__}: {e}); pass a Jinja template file"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{option} {path}: the file is empty; pass a Jinja chat template")
+    return text
+
+
+def model_limits(model_dir: Path, gguf_file: str | None = None, *, trust_remote_code: bool = False):
     """(vocabulary size, context length or None) from the config alone, without loading weights."""
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
     cfg = AutoConfig.from_pretrained(model_dir, **kw)
     cfg = getattr(cfg, "text_config", None) or cfg
     return int(cfg.vocab_size), getattr(cfg, "max_position_embeddings", None)
 
 
-def load_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
     """A trainable causal LM. A GGUF checkpoint is dequantised by transformers and rebuilt as a plain
     model (save_pretrained refuses GGUF-loaded models), so a fine-tuned result saves normally."""
-    path = resolve_model_dir(os.fspath(name_or_path))
+    path = resolve_model_dir(os.fspath(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file:
         return gguf_as_plain_model(path / gguf_file, dtype)[0]
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except Exception:
         check_weight_files(Path(path))  # a damaged weight file: named, with the fix
         raise

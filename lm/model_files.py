@@ -22,10 +22,17 @@ _SAMPLE_BLOCKS = 16
 _SAMPLE_EDGE = 1 << 20
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder for a model given as a folder or a hub name (downloaded or cached by huggingface_hub)."""
+def resolve_model_dir(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """A local folder for a model given as a folder or a hub name (downloaded or cached by huggingface_hub).
+    revision: a hub branch, tag or commit (refused for a local folder, which has no revisions); trust_remote_code
+    also fetches the model's own Python files (*.py), which transformers then runs."""
     p = Path(os.path.expanduser(name_or_path))
     if p.is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"--revision {revision!r}: {name_or_path} is a local folder, which has no revisions; "
+                f"drop --revision, or pass a hub name"
+            )
         return p
     if looks_like_local_path(name_or_path) or p.exists():
         raise FileNotFoundError(
@@ -35,7 +42,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
     try:
         return Path(
             snapshot_download(
-                name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+                name_or_path,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+                + (["*.py"] if trust_remote_code else []),
             )
         )
     except Exception as e:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm.dtypes import canonical_dtype
 from storage import MODES, Encoding, mode_of
 
 from .engines import ENGINE_NAMES
@@ -108,7 +109,10 @@ class TeacherConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."},
+        metadata={
+            "help": "Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 (float32) | bf16 (bfloat16) | "
+            "fp16 (float16, half): the dtype spellings of every command (lm/dtypes.py)."
+        },
     )
     device: str = field(default="auto", metadata={"help": "hf engine device: auto | cpu | cuda[:i]."})
     batch_size: int = field(default=8, metadata={"help": "Sequences scored per engine call."})
@@ -142,6 +146,24 @@ class TeacherConfig:
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside --model's folder, loaded through transformers."}
     )
+    revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub branch, tag or commit of --model (a hub name; refused for a local folder). The commit "
+            "used is recorded in run.json."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let transformers run the model's own Python code (models not built into transformers)."},
+    )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Jinja chat template FILE that replaces the tokenizer's own for chat rows (--messages-field); "
+            "recorded in run.json, and stage 2 gives the student the same one."
+        },
+    )
     encoding: str = field(
         default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."}
     )
@@ -173,10 +195,24 @@ class TeacherConfig:
         if self.shard_index is None:
             object.__setattr__(self, "shard_index", _env_shard_index())
         object.__setattr__(self, "out", Path(self.out))
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", Path(self.chat_template))
         problems = []
+        if self.chat_template is not None and self.messages_field is None:
+            problems.append(
+                f"--chat-template {self.chat_template}: a chat template applies to chat rows; pass --messages-field "
+                f"(the column holding the conversations), or drop --chat-template for plain text"
+            )
+        if self.trust_remote_code and self.engine == "vllm":
+            problems.append("--trust-remote-code is supported with the hf engine only here; pass --engine hf")
         top_k, top_p, min_k, draws = (self.mode_settings()[n] for n in ("top_k", "top_p", "min_k", "draws"))
         if top_k < 1:
             problems.append(f"top_k={top_k}: must be >= 1")
+        if self.dtype != "auto":
+            try:
+                canonical_dtype(self.dtype, option="--dtype")
+            except ValueError as e:
+                problems.append(str(e))
         if self.capture != "auto" and self.capture not in MODES:
             problems.append(f"capture={self.capture!r}: choose {_one_of(['auto', *MODES])}")
         if not 0 < top_p <= 1:
@@ -274,4 +310,5 @@ class TeacherConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
+        d["chat_template"] = None if self.chat_template is None else str(self.chat_template)
         return d

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lm.corpus import check_column, corpus_settings, load_range, plan_corpus, plan_fingerprint
-from lm.loading import canonical_dtype, check_weight_files, load_tokenizer, model_limits
+from lm.loading import canonical_dtype, check_weight_files, load_tokenizer, model_limits, read_chat_template
 from lm.model_files import model_identity, resolve_model_dir
 from lm.tokenizer_id import tokenizer_fingerprint
 from storage import Encoding, RunSpec, mode_of
@@ -59,20 +59,28 @@ def model_record(config_model: str, model_dir: Path) -> dict:
 def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[str, str, str]]:
     """(spec, the shards' sequence source, model folder, (engine, device, dtype)); no model weights loaded,
     nothing tokenized except the first --max-samples sequences when that option is set."""
-    model_dir = resolve_model_dir(config.model)
+    model_dir = resolve_model_dir(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     check_weight_files(Path(model_dir))  # before anything is written: the engine loads the weights only later
     record = model_record(config.model, model_dir)
+    template = read_chat_template(config.chat_template)
     identity = {
         **model_identity(model_dir, name_or_path=record["name_or_path"], gguf_file=config.gguf_file),
         **record,
+        # Recorded only when given, so that runs without them keep their spec (and resume).
+        **({"trust_remote_code": True} if config.trust_remote_code else {}),
+        **({"chat_template": template, "chat_template_file": str(config.chat_template)} if template else {}),
     }
     engine, device, dtype = resolve_engine_and_dtype(config)
+    if config.trust_remote_code and engine != "hf":
+        raise ValueError(
+            f"--trust-remote-code is supported with the hf engine only here (--engine {engine}); pass --engine hf"
+        )
     mode = mode_of({"mode": config.resolved_capture(engine)})
     if mode.name != config.capture:
         log.info("--capture auto: %s with the %s engine", mode.name, engine)
     s = config.mode_settings()  # top_k, top_p, min_k, draws: given or default
     fields = mode.spec_fields(seed=config.seed, **s)
-    vocab_size, max_pos = model_limits(model_dir, config.gguf_file)
+    vocab_size, max_pos = model_limits(model_dir, config.gguf_file, trust_remote_code=config.trust_remote_code)
     problems = []
     if s["top_k"] > vocab_size and mode.name != "sample":  # sample mode does not use --top-k
         problems.append(f"--top-k {s['top_k']} is larger than the teacher's vocabulary ({vocab_size})")
@@ -82,7 +90,9 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
         problems.append(f"--seq-len {config.seq_len} exceeds the teacher's context ({max_pos} positions)")
     if problems:
         raise ValueError("; ".join(problems))
-    tokenizer = load_tokenizer(model_dir, config.gguf_file)
+    tokenizer = load_tokenizer(
+        model_dir, config.gguf_file, trust_remote_code=config.trust_remote_code, chat_template=template
+    )
     settings = corpus_settings(
         tokenizer,
         seq_len=config.seq_len,
@@ -101,6 +111,8 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
         num_shards=config.num_shards,
         tokenizer_dir=str(Path(model_dir).resolve()),
         gguf_file=config.gguf_file,
+        trust_remote_code=config.trust_remote_code,
+        chat_template=template,
         _tokenizer=tokenizer,
     )
     if config.max_samples is not None:
@@ -151,6 +163,7 @@ def build_engine(
         device=device,
         gguf_file=gguf_file,
         **({"max_model_len": spec.seq_len, "max_logprobs": spec.k} if engine_name == "vllm" else {}),
+        **({"trust_remote_code": True} if spec.teacher.get("trust_remote_code") else {}),
     )
     if engine.vocab_size != spec.vocab_size:
         raise ValueError(f"engine reports vocabulary {engine.vocab_size}, the model config {spec.vocab_size}")

@@ -91,7 +91,18 @@ class ShardFailedError(RuntimeError):
 
 # What each worker returns per shard (numpy columns); `written` is False when another process had
 # finished the shard in the meantime (then it was only checked, not scored).
-_RECEIPT_COLUMNS = ("shard_index", "written", "rows", "trained_tokens", "bytes", "sha256", "t_start", "t_end", "host")
+_RECEIPT_COLUMNS = (
+    "shard_index",
+    "written",
+    "rows",
+    "tokens",  # scored tokens: the summary's tok/s counts them (trained tokens beside them)
+    "trained_tokens",
+    "bytes",
+    "sha256",
+    "t_start",
+    "t_end",
+    "host",
+)
 
 
 def _import_ray():
@@ -187,6 +198,7 @@ class _ShardScorer:
                 ("shard_index", index),
                 ("written", written),
                 ("rows", receipt.rows),
+                ("tokens", receipt.tokens),
                 ("trained_tokens", receipt.trained_tokens),
                 ("bytes", receipt.bytes),
                 ("sha256", receipt.sha256),

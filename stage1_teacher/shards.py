@@ -71,6 +71,8 @@ class ShardSource:
     num_shards: int
     tokenizer_dir: str
     gguf_file: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # --chat-template's text, replacing the tokenizer's own
     prefix: list[Sequence] | None = None
     _tokenizer: object = field(default=None, repr=False)
 
@@ -80,7 +82,12 @@ class ShardSource:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_dir, self.gguf_file)
+            self._tokenizer = load_tokenizer(
+                self.tokenizer_dir,
+                self.gguf_file,
+                trust_remote_code=self.trust_remote_code,
+                chat_template=self.chat_template,
+            )
         return self._tokenizer
 
     def sequences(self, index: int) -> list[Sequence]:
@@ -245,13 +252,18 @@ def task_summary(
     with the receipt's index, rows, trained_tokens and bytes; `extra` adds driver-specific keys."""
     written = list(written)
     tokens = sum(r["trained_tokens"] for r in written)
+    # Scored: every input position the teacher ran over (receipts' `tokens`), the rate a forward pass runs at;
+    # trained: the positions that carry labels (less than scored on chat runs, where prompts are not trained).
+    scored = sum(r["tokens"] for r in written) if all("tokens" in r for r in written) else None
     size = sum(r["bytes"] for r in written)
     return {
         "run_dir": str(run_dir),
         "shards_written": sorted(r["index"] for r in written),
         "sequences": sum(r["rows"] for r in written),
+        "scored_tokens": scored,
         "trained_tokens": tokens,
-        "tokens_per_s": tokens / scoring_s if scoring_s else None,
+        "tokens_per_s": scored / scoring_s if scoring_s and scored is not None else None,  # scored tokens / s
+        "trained_tokens_per_s": tokens / scoring_s if scoring_s else None,
         "bytes": size,
         "bytes_per_trained_token": size / max(tokens, 1) if written else None,
         "wall_s": wall_s,
@@ -262,14 +274,22 @@ def task_summary(
 
 
 def summary_line(s: dict) -> str:
-    rate = f"{s['tokens_per_s']:,.0f} tok/s" if s.get("tokens_per_s") else "nothing to score"
+    if s.get("tokens_per_s"):  # scored tokens per second, with the trained ones beside them
+        rate = (
+            f"{s['scored_tokens']:,} scored tokens at {s['tokens_per_s']:,.0f} tok/s "
+            f"({s['trained_tokens']:,} trained, {s['trained_tokens_per_s']:,.0f} trained tok/s)"
+        )
+    elif s.get("trained_tokens_per_s"):  # a driver whose shards did not report their scored tokens
+        rate = f"{s['trained_tokens']:,} trained tokens at {s['trained_tokens_per_s']:,.0f} trained tok/s"
+    else:
+        rate = f"{s['trained_tokens']:,} trained tokens, nothing to score"
     b = (s.get("run") or s).get("bytes_per_trained_token")
     bpt = f"{b:.1f} B/trained token" if b else "-"
     state = "finalized" if s.get("finalized") else f"waiting for shards {s.get('missing_shards', [])[:8]}"
     cap = s.get("capture")
     mode = mode_of(cap).label(cap) if cap else ""
     return (
-        f"teacher: {s['sequences']:,} sequences, {s['trained_tokens']:,} trained tokens, {rate}, {bpt}, "
+        f"teacher: {s['sequences']:,} sequences, {rate}, {bpt}, "
         + (f"capture {mode}, " if mode else "")
         + f"{state} -> {s['run_dir']}"
     )

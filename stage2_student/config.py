@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm.dtypes import canonical_dtype
 from storage import mode_of
+
+from .trackers import parse_report_to
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,25 @@ class StudentConfig:
     gguf_file: str | None = field(
         default=None,
         metadata={"help": "GGUF file inside --model's folder (default: the run's, when --model is not given)."},
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub branch, tag or commit of --model (default: without --model, the teacher commit recorded in "
+            "the run)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let transformers run the student's own Python code (models not built into transformers)."},
+    )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Jinja chat template FILE for the student's tokenizer, saved with OUT/model (default: the one "
+            "the run recorded from the teacher's --chat-template, else the model's own). Must give the run's "
+            "tokenizer fingerprint."
+        },
     )
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (overrides --epochs)."})
     epochs: float = field(
@@ -110,7 +132,13 @@ class StudentConfig:
             "forward per step)."
         },
     )
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16."})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 (float32) | bf16 (bfloat16): the dtype "
+            "spellings of every command (lm/dtypes.py)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for data order, init of adapters, dropout."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints to keep."})
@@ -161,10 +189,46 @@ class StudentConfig:
     save_model: bool = field(
         default=True, metadata={"help": "Write the final model in Hugging Face format to OUT/model."}
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment trackers, through accelerate's: tensorboard | wandb | mlflow | none, comma-separated "
+            "for several. They get the metrics.jsonl numbers (train/..., eval/NAME/...); TensorBoard and W&B "
+            "offline files go under OUT/trackers."
+        },
+    )
+    tracker_project: str = field(
+        default="label-anneal", metadata={"help": "Project (TensorBoard folder, W&B project, MLflow experiment)."}
+    )
+    eval_data: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "NAME=PATH held-out text corpus scored during training (repeat): NLL and exact KL(base‖student) "
+            "per trained position, base = the run's teacher, whose log-probs are computed once at the start and "
+            "cached in OUT/live_eval (stage2_student/live_eval.py).",
+            "metavar": "NAME=PATH",
+            "default_text": "none",
+        },
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Score the --eval-data sets every N optimizer steps (0: only after the last step)."},
+    )
+    eval_max_sequences: int = field(
+        default=16,
+        metadata={
+            "help": "Sequences of the run's --seq-len per --eval-data set (the first ones); bounds the time per "
+            "evaluation and the cached base log-probs (positions × vocabulary × 4 bytes)."
+        },
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         object.__setattr__(self, "out", Path(self.out))
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", Path(self.chat_template))
+        eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data or ())
+        object.__setattr__(self, "eval_data", eval_data)
         p = []
 
         def finite(x):
@@ -211,11 +275,12 @@ class StudentConfig:
             p.append(f"divergence={self.divergence!r}: choose forward, reverse or jsd")
         if not finite(self.kd_temperature) or self.kd_temperature <= 0:
             p.append(f"kd_temperature={self.kd_temperature}: must be > 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            p.append(
-                f"precision={self.precision!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range "
-                f"overflows full-vocabulary logits; use bf16)"
-            )
+        if self.precision != "auto":
+            try:  # any spelling of the table; stored as fp32 / bf16
+                canon = canonical_dtype(self.precision, option="--precision", allow_fp16=False)
+                object.__setattr__(self, "precision", {"float32": "fp32", "bfloat16": "bf16"}[canon])
+            except ValueError as e:
+                p.append(str(e))
         for name in ("l2_init", "ewc"):
             v = getattr(self, name)
             if not finite(v) or v < 0:
@@ -238,12 +303,26 @@ class StudentConfig:
             p.append("adam betas must be in [0, 1)")
         if self.resume and self.overwrite:
             p.append("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            p.append(str(e))
+        if self.eval_data:
+            p += [f"--eval-{m}" for m in parse_data(self.eval_data)[1]]
+        elif self.eval_every:
+            p.append(f"--eval-every {self.eval_every} without --eval-data: give the sets to score, as NAME=PATH")
+        if self.eval_every < 0:
+            p.append(f"--eval-every {self.eval_every}: must be >= 0")
+        if self.eval_max_sequences < 1:
+            p.append(f"--eval-max-sequences {self.eval_max_sequences}: must be >= 1")
         if p:
             raise ValueError("invalid student config:\n  " + "\n  ".join(p))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["run_dir"], d["out"] = str(self.run_dir), str(self.out)
+        d["eval_data"] = list(self.eval_data)
+        d["chat_template"] = None if self.chat_template is None else str(self.chat_template)
         return d
 
     def run_problems(self, capture: dict) -> list[str]:
@@ -287,9 +366,8 @@ class StudentConfig:
 
 # ------------------------------------------------------------------------------------------- pipeline eval
 
-# Model dtypes `pipeline eval` accepts besides "auto" (`lm.loading` maps them to torch dtypes). fp16 is left
+# Model dtypes `pipeline eval` accepts besides "auto": every spelling of fp32 / bf16 in lm/dtypes.py. fp16 is left
 # out on purpose: its range overflows full-vocabulary logits.
-EVAL_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -298,10 +376,14 @@ class EvalConfig:
         metadata={"help": "Model to evaluate: a folder (e.g. OUT/model of `pipeline student`) or a hub name."}
     )
     data: tuple[str, ...] = field(
+        default=(),
         metadata={
             "help": "A corpus as NAME=PATH (a .jsonl/.json/.parquet/.txt file or a folder of them); repeat for "
-            "several, e.g. --data target=math.jsonl --data retention=prose.jsonl."
-        }
+            "several, e.g. --data target=math.jsonl --data retention=prose.jsonl. Needed unless --lm-eval-tasks "
+            "is given.",
+            "metavar": "NAME=PATH",
+            "default_text": "none",
+        },
     )
     base: str | None = field(
         default=None,
@@ -312,7 +394,18 @@ class EvalConfig:
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model's folder."})
     base_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --base's folder."})
     seq_len: int = field(
-        default=512, metadata={"help": "Tokens per packed sequence (context length of the evaluation)."}
+        default=512,
+        metadata={"help": "packed: tokens per packed sequence; lm-eval: the context window (lm-eval's max_length)."},
+    )
+    convention: str = field(
+        default="packed",
+        metadata={
+            "help": "Which tokens are scored. packed: documents tokenized as the teacher stores them (BOS if the "
+            "tokenizer adds one), joined by EOS and packed into --seq-len sequences; every position after a "
+            "sequence's first is scored, each document's EOS included (training's 'per token'). lm-eval: "
+            "lm-evaluation-harness's loglikelihood_rolling: each document alone, without special tokens, after "
+            "one prefix token (BOS, else EOS) that is not scored, no EOS, in rolling windows of --seq-len."
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_sequences: int | None = field(
@@ -326,7 +419,8 @@ class EvalConfig:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "Model dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16. Log-softmax and KL are always fp32."
+            "help": "Model dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 (float32) | bf16 (bfloat16). Log-softmax "
+            "and KL are always fp32."
         },
     )
     lm_eval_tasks: str | None = field(
@@ -347,8 +441,10 @@ class EvalConfig:
         p = []
         if not self.model:
             p.append("model: required (a folder or a hub name)")
-        _, data_problems = parse_data(data)
-        p += data_problems
+        if data or not self.lm_eval_tasks:  # lm-eval tasks alone need no corpus
+            p += parse_data(data)[1]
+        if self.convention not in ("packed", "lm-eval"):
+            p.append(f"--convention {self.convention!r}: choose packed or lm-eval")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             p.append(f"seq_len={self.seq_len}: must be an int >= 2 (T tokens give T-1 predictions)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -407,11 +503,11 @@ def device_dtype_problems(device: str, dtype: str) -> list[str]:
     p = []
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         p.append(f"device={device!r}: choose auto, cpu, cuda or cuda:N")
-    if dtype not in ("auto", *EVAL_DTYPES):
-        p.append(
-            f"dtype={dtype!r}: choose auto, fp32 or bf16 (fp16 is not supported: its range overflows "
-            f"full-vocabulary logits; use bf16)"
-        )
+    if dtype != "auto":
+        try:
+            canonical_dtype(dtype, option="--dtype", allow_fp16=False)
+        except ValueError as e:
+            p.append(str(e))
     return p
 
 
@@ -510,6 +606,14 @@ class SweepConfig:
             "help": "NAME=PATH held-out corpora (repeat); 'target' is the fine-tuning domain, the rest retention."
         },
     )
+    seeds: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated seeds, e.g. 0,1,2: every configuration (and merge) is trained once per seed; "
+            "sweep.md shows the mean over seeds and tradeoff.png ± one standard deviation as error bars "
+            "(default: the student's --seed, once)."
+        },
+    )
     eval_seq_len: int = field(default=256, metadata={"help": "Tokens per evaluation sequence."})
     eval_max_sequences: int | None = field(default=None, metadata={"help": "Cap on evaluation sequences per corpus."})
     student: dict = field(
@@ -526,6 +630,10 @@ class SweepConfig:
                 parse_floats(getattr(self, name), name)
             except ValueError as e:
                 problems.append(str(e))
+        try:
+            self.seed_list()
+        except ValueError as e:
+            problems.append(str(e))
         if not parse_floats(self.kl_weights, "kl_weights"):
             problems.append("--kl-weights: give at least one λ")
         if parse_floats(self.merge_alphas, "merge_alphas") and 0.0 not in parse_floats(self.kl_weights, "kl_weights"):
@@ -543,8 +651,33 @@ class SweepConfig:
         if problems:
             raise ValueError("invalid sweep config:\n  " + "\n  ".join(problems))
 
+    def seed_list(self) -> list[int]:
+        """The --seeds values (default: the student's seed, once)."""
+        if self.seeds in (None, ""):
+            return [int(self.student.get("seed", StudentConfig.__dataclass_fields__["seed"].default))]
+        try:
+            vals = [int(x) for x in str(self.seeds).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds {self.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if not vals or len(set(vals)) != len(vals):
+            raise ValueError(f"--seeds {self.seeds!r}: give distinct integers, e.g. 0,1,2")
+        if "seed" in self.student:
+            raise ValueError("give either --seed or --seeds, not both")
+        return vals
+
     def plan(self) -> list[tuple[str, dict, dict]]:
-        """[(name, StudentConfig overrides, description)] for every student to train."""
+        """[(name, StudentConfig overrides, description)] for every student to train: each configuration once per
+        seed; with several seeds the names end in _seedN and the description's `config` names the configuration."""
+        seeds = self.seed_list()
+        if len(seeds) == 1 and self.seeds in (None, ""):
+            return self._plan_one_seed()
+        out = []
+        for seed in seeds:
+            for name, overrides, desc in self._plan_one_seed():
+                out.append((f"{name}_seed{seed}", {**overrides, "seed": seed}, {**desc, "seed": seed, "config": name}))
+        return out
+
+    def _plan_one_seed(self) -> list[tuple[str, dict, dict]]:
         s = dict(self.student)
         lrs = parse_floats(self.lrs, "lrs") or [s.get("lr", StudentConfig.__dataclass_fields__["lr"].default)]
         out = []

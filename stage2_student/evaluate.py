@@ -7,11 +7,21 @@ full-vocabulary KL(base‖model) per token against a base model (how far fine-tu
 Python: `run(EvalConfig(...))` for one model, `evaluate_models({...}, base, {...})` for many (the
 sweep): every corpus is tokenized once and the base is loaded once.
 
-Tokens. Each corpus goes through `lm.corpus.load_sequences` in plain-text mode, packed,
-with the (shared) tokenizer: the same deterministic sequences and label masks the teacher would
-score, so "per token" here means per trained position as in training. Sequences are batched only
-with sequences of the same length (packing makes all but the last one `seq_len` long), so no padding
-or attention mask ever enters the numbers.
+Tokens: which are scored (`--convention`). The two conventions give different numbers on the same document: they
+score different tokens, not the same tokens differently.
+- `packed` (default, training's): each corpus goes through `lm.corpus.load_sequences` in plain-text mode,
+  packed, with the (shared) tokenizer: documents tokenized as the teacher stores them (with the BOS the
+  tokenizer adds, if any), each followed by EOS, packed into `seq_len` sequences. Every position after a
+  sequence's first is scored, EOS included, so "per token" means per trained position as in training.
+- `lm-eval`: lm-evaluation-harness's `loglikelihood_rolling` (what its perplexity tasks report): each document
+  alone, tokenized without special tokens, preceded by one prefix token (BOS, else EOS) that is not scored, no
+  EOS; a document longer than the window is scored in disjoint windows of `seq_len` predictions, each window
+  conditioned on the `seq_len` tokens before its last one (lm-eval's rolling windows with context length 1).
+  `seq_len` plays lm-eval's max_length. `--max-sequences` counts documents here.
+Sequences are batched only with sequences of the same length, so no padding or attention mask ever enters the
+numbers. Bits per byte (`bits_per_byte`, lm-eval's definition): the summed NLL in bits over the UTF-8 bytes of
+the scored text; lm-eval: the documents' bytes; packed: the bytes of the scored tokens decoded (special tokens
+count 0 bytes), so packed bits per byte charges EOS predictions to the text's bytes.
 
 KL. `KL(base‖model) = Σ_v p_base(v) (log p_base(v) − log p_model(v))` over the whole vocabulary, averaged
 over trained positions: the forward direction used in training, with the base as the reference.
@@ -37,9 +47,10 @@ import math
 import os
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from lm.corpus import load_sequences
+from lm.corpus import Sequence, load_sequences, plan_corpus
 from lm.loading import load_causal_lm, load_tokenizer, torch_dtype
 from lm.tokenizer_id import tokenizer_fingerprint
 from storage.atomic import atomic_write_json
@@ -90,9 +101,60 @@ def _batches(sequences, batch_size: int, device) -> list[tuple[torch.Tensor, tor
 
 
 def _trained_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, V) in the model's dtype, labels (N,)) at the N trained positions of a batch."""
-    logits = model(input_ids=ids).logits  # (B, T, V)
-    return logits[:, :-1][mask], ids[:, 1:][mask]
+    """(logits (N, V) in the model's dtype, labels (N,)) at the N trained positions of a batch. The last id is only
+    a target, so it is not run through the model (causal: the other positions' logits are the same)."""
+    logits = model(input_ids=ids[:, :-1]).logits  # (B, T-1, V)
+    return logits[mask], ids[:, 1:][mask]
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[bool]]]:
+    """[(input ids, label mask)] scoring every token of `tokens` once, as lm-eval's loglikelihood_rolling does:
+    the first window is [prefix] + the first max_len tokens (all max_len predicted); each later window predicts the
+    next min(rest, max_len) tokens from the max_len tokens before its last one (so it is max_len + 1 ids long,
+    max_len of them run through the model: the last id is only a target)."""
+    n = len(tokens)
+    if n == 0:
+        return []
+    first = min(max_len, n)
+    out = [([prefix, *tokens[:first]], [True] * first)]
+    done = first
+    while done < n:
+        pred = min(n - done, max_len)
+        end = done + pred
+        ids = tokens[end - max_len - 1 : end]  # done >= max_len, so the start is >= 0
+        out.append((ids, [False] * (len(ids) - 1 - pred) + [True] * pred))
+        done = end
+    return out
+
+
+def lm_eval_sequences(path, tokenizer, *, seq_len: int, text_field: str, max_documents: int | None):
+    """(sequences, UTF-8 bytes of the documents) under the lm-eval convention (module docstring)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ValueError("--convention lm-eval needs a BOS or EOS token in the tokenizer (the prefix token)")
+    seqs, n_bytes, docs = [], 0, 0
+    for text in plan_corpus(path).values(text_field):
+        if not isinstance(text, str) or not text:
+            continue
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for ids, mask in rolling_windows(toks, prefix, seq_len):
+            seqs.append(Sequence(len(seqs), np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+        n_bytes += len(text.encode("utf-8"))
+        docs += 1
+        if max_documents is not None and docs >= max_documents:
+            break
+    if not seqs:
+        raise ValueError(f"{path}: no non-empty text in column {text_field!r}")
+    return seqs, n_bytes
+
+
+def packed_bytes(sequences, tokenizer) -> int:
+    """UTF-8 bytes of the scored tokens of packed sequences, decoded (special tokens count 0)."""
+    total = 0
+    for s in sequences:
+        ids = np.asarray(s.input_ids)[1:][np.asarray(s.label_mask, dtype=bool)]
+        total += len(tokenizer.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
+    return total
 
 
 def _base_logprobs(base, ids, mask) -> torch.Tensor:
@@ -125,8 +187,9 @@ class _BaseLogprobs:
         return lp
 
 
-def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, device) -> dict:
-    """{nll, ppl, kl, tokens} of one model on one corpus's batches; means per trained position."""
+def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, device, n_bytes: int) -> dict:
+    """{nll, ppl, bits_per_byte, kl, tokens, bytes} of one model on one corpus's batches; means per trained
+    position (bits per byte: the summed NLL in bits over `n_bytes`)."""
     # Sums stay on the device: a .item() per chunk would be a GPU sync point.
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -151,8 +214,10 @@ def _score_corpus(model, batches, base_lp: _BaseLogprobs | None, corpus: str, de
     return {
         "nll": nll,
         "ppl": math.exp(nll) if nll < 700 else float("inf"),
+        "bits_per_byte": float(nll_sum) / math.log(2) / n_bytes if n_bytes else None,
         "kl": float(kl_sum) / tokens if base_lp is not None else None,
         "tokens": tokens,
+        "bytes": n_bytes,
     }
 
 
@@ -211,6 +276,7 @@ def evaluate_models(
     gguf_files: Mapping[str, str] | None = None,
     base_gguf_file: str | None = None,
     base_cache_gb: float = 2.0,
+    convention: str = _default("convention"),
     lm_eval_tasks: str | list[str] | None = None,
     lm_eval_include: str | os.PathLike | None = None,
     lm_eval_limit: int | None = None,
@@ -218,14 +284,18 @@ def evaluate_models(
     """Evaluate several models (label -> folder or hub name) on the same corpora (name -> path).
 
     Each corpus is tokenized once, the base is loaded once, the models one at a time. Returns
-    {label: {"model": path, "corpora": {corpus: {"nll", "ppl", "kl", "tokens"}}, "lm_eval": {...} | None}};
-    kl is None without a base. gguf_files maps a label to the GGUF file in its folder.
+    {label: {"model": path, "corpora": {corpus: {"nll", "ppl", "bits_per_byte", "kl", "tokens", "bytes"}},
+    "lm_eval": {...} | None}}; kl is None without a base. gguf_files maps a label to the GGUF file in its folder.
+    convention: "packed" or "lm-eval", which tokens are scored (module docstring). corpora may be empty when
+    lm_eval_tasks are given.
     base_cache_gb: CPU memory for the base's fp32 log-probs, reused across models (0 disables).
     """
     if not models:
         raise ValueError("models: give at least one model to evaluate")
-    if not corpora:
-        raise ValueError("corpora: give at least one corpus to evaluate on")
+    if not corpora and not lm_eval_tasks:
+        raise ValueError("corpora: give at least one corpus to evaluate on (or lm-eval tasks)")
+    if convention not in ("packed", "lm-eval"):
+        raise ValueError(f"convention={convention!r}: choose packed or lm-eval")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
     if not base_cache_gb >= 0:
@@ -251,13 +321,19 @@ def evaluate_models(
     tokenizer = check_tokenizers(names, reference)
     manager = _lm_eval_tasks(tasks, lm_eval_include) if tasks else None
 
-    sequences = {}
+    sequences, n_bytes = {}, {}
     for name, path in corpora.items():
-        res = load_sequences(
-            path, tokenizer, seq_len=seq_len, text_field=text_field, max_samples=max_sequences, pack=True
-        )
-        log.info("corpus %s: %d sequences, %d trained positions", name, res.num_sequences, res.trained_positions)
-        sequences[name] = _batches(res.sequences, batch_size, dev)
+        if convention == "lm-eval":
+            seqs, n_bytes[name] = lm_eval_sequences(
+                path, tokenizer, seq_len=seq_len, text_field=text_field, max_documents=max_sequences
+            )
+        else:
+            seqs = load_sequences(
+                path, tokenizer, seq_len=seq_len, text_field=text_field, max_samples=max_sequences, pack=True
+            ).sequences
+            n_bytes[name] = packed_bytes(seqs, tokenizer)
+        log.info("corpus %s: %d sequences, %d scored positions", name, len(seqs), sum(s.label_mask.sum() for s in seqs))
+        sequences[name] = _batches(seqs, batch_size, dev)
 
     base_model = _load(str(base), base_gguf_file, dev, dt) if base is not None else None
     # A cache only pays off when a second model reads it.
@@ -271,7 +347,7 @@ def evaluate_models(
         model = _load(str(path), gguf_files.get(label), dev, dt)
         per_corpus = {}
         for name, batches in sequences.items():
-            per_corpus[name] = _score_corpus(model, batches, base_lp, name, dev)
+            per_corpus[name] = _score_corpus(model, batches, base_lp, name, dev, n_bytes[name])
             log.info("%s on %s: %s", label, name, per_corpus[name])
         lm = _run_lm_eval(model, tokenizer, tasks, manager, lm_eval_limit, batch_size, dev) if tasks else None
         results[label] = {"model": str(path), "corpora": per_corpus, "lm_eval": lm}
@@ -295,6 +371,7 @@ def run(config: EvalConfig) -> dict:
         dtype=config.dtype,
         gguf_files={label: config.gguf_file} if config.gguf_file else None,
         base_gguf_file=config.base_gguf_file,
+        convention=config.convention,
         lm_eval_tasks=config.lm_eval_tasks,
         lm_eval_include=config.lm_eval_include,
         lm_eval_limit=config.lm_eval_limit,
@@ -315,11 +392,14 @@ def run(config: EvalConfig) -> dict:
 def format_table(result: dict) -> str:
     """The output of `run` as a plain-text table."""
     lines = [f"model  {result['model']}", f"base   {result['base'] if result['base'] is not None else '-'}", ""]
-    width = max(6, *(len(n) for n in result["corpora"]))
-    lines.append(f"{'corpus':<{width}}  {'tokens':>10}  {'nll':>8}  {'ppl':>10}  {'kl':>10}")
+    width = max([6, *(len(n) for n in result["corpora"])])
+    conv = (result.get("config") or {}).get("convention", "packed")
+    lines.insert(2, f"tokens {conv} convention (pipeline eval --help, --convention)")
+    lines.append(f"{'corpus':<{width}}  {'tokens':>10}  {'nll':>8}  {'ppl':>10}  {'bits/byte':>9}  {'kl':>10}")
     for name, m in result["corpora"].items():
         kl = "-" if m["kl"] is None else f"{m['kl']:.6f}"
-        lines.append(f"{name:<{width}}  {m['tokens']:>10,}  {m['nll']:>8.4f}  {m['ppl']:>10.3f}  {kl:>10}")
+        bpb = "-" if m.get("bits_per_byte") is None else f"{m['bits_per_byte']:.4f}"
+        lines.append(f"{name:<{width}}  {m['tokens']:>10,}  {m['nll']:>8.4f}  {m['ppl']:>10.3f}  {bpb:>9}  {kl:>10}")
     if result.get("lm_eval"):
         lines += ["", f"{'lm-eval task':<24}  {'metric':<20}  {'value':>10}"]
         for task, metrics in result["lm_eval"].items():

@@ -33,12 +33,13 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from lm.corpus import load_sequences
-from lm.loading import load_causal_lm, load_tokenizer
+from lm.loading import load_causal_lm, load_tokenizer, read_chat_template
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.run_reader import RunReader
 from storage.spec import RunSpec, load_run_spec
 
 from . import checkpoint as ckpt
+from . import live_eval, trackers
 from .batch import collate_labels, pad_inputs
 from .config import StudentConfig
 from .data import steps_per_epoch
@@ -264,6 +265,7 @@ class Training:
     steps_per_epoch: int
     total: int  # optimizer steps of the whole run
     start: int  # first step of this invocation (> 0 after a resume)
+    eval_sets: list  # --eval-data sets with the base's log-probs (live_eval.EvalSet)
 
 
 def setup(config: StudentConfig) -> Training:
@@ -276,7 +278,11 @@ def setup(config: StudentConfig) -> Training:
     check_out(config, run_spec.fingerprint)
     use_cuda = torch.cuda.is_available()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and use_cuda)
-    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
+    acc = Accelerator(
+        cpu=not use_cuda,
+        mixed_precision="bf16" if bf16 else "no",
+        **trackers.accelerator_kwargs(config.report_to, config.out),
+    )
     # Every process checks sizes here (a stat per shard, nothing opened) and then checks each shard it reads when it
     # first reads it (footer; sha256 with verify=checksum): no process waits for a whole-run check.
     # With verify=checksum each process hashes only its share of the shards (i % processes == rank): the job reads
@@ -289,6 +295,8 @@ def setup(config: StudentConfig) -> Training:
         checksum_share=(acc.process_index, acc.num_processes),
     )
     spec = reader.spec
+    # Before the student: the teacher is loaded, run over the eval sets once and freed (live_eval.py).
+    eval_sets = live_eval.prepare(acc, config, spec, _eval_tokenizer(config, spec)) if config.eval_data else []
     set_seed(config.seed)
     tokenizer, model = _load_student(config, spec)
     head = fused_head_for(
@@ -317,6 +325,8 @@ def setup(config: StudentConfig) -> Training:
     acc.register_for_checkpointing(sched)
     start = _resume(acc, config, replay, spec.fingerprint)
     _prepare_outputs(acc, config, total, spec.fingerprint, start)
+    if acc.is_main_process:
+        trackers.start(acc, config.report_to, config.tracker_project, config.to_dict(), config.out)
     loader = RankBatches(
         reader,
         seed=config.seed,
@@ -346,6 +356,7 @@ def setup(config: StudentConfig) -> Training:
         steps_per_epoch=spe,
         total=total,
         start=start,
+        eval_sets=eval_sets,
     )
 
 
@@ -353,12 +364,27 @@ def _load_student(config: StudentConfig, spec: RunSpec):
     """(tokenizer, model): --model, or the teacher recorded in the run; checked against the run; LoRA applied."""
     model_name = config.model or spec.teacher["name_or_path"]
     gguf = config.gguf_file if config.model else (config.gguf_file or spec.teacher.get("gguf_file"))
-    tokenizer = load_tokenizer(model_name, gguf)
-    model = load_causal_lm(model_name, gguf)
+    # Without --model: the very commit the teacher was (run.json), unless --revision says otherwise.
+    revision = config.revision or (None if config.model else spec.teacher.get("revision"))
+    template = read_chat_template(config.chat_template) or spec.teacher.get("chat_template")
+    hub = {"revision": revision, "trust_remote_code": config.trust_remote_code}
+    tokenizer = load_tokenizer(model_name, gguf, chat_template=template, **hub)
+    model = load_causal_lm(model_name, gguf, **hub)
     check_student(spec, tokenizer, model, where=f"student {model_name!r}")
     if config.lora_r:
         model = _apply_lora(model, config)
     return tokenizer, model
+
+
+def _eval_tokenizer(config: StudentConfig, spec: RunSpec):
+    """The tokenizer of the run's teacher (the base of --eval-data; the student must share it, `check_student`)."""
+    return load_tokenizer(
+        spec.teacher["name_or_path"],
+        spec.teacher.get("gguf_file"),
+        revision=spec.teacher.get("revision"),
+        trust_remote_code=config.trust_remote_code,
+        chat_template=spec.teacher.get("chat_template"),
+    )
 
 
 def _load_replay(config: StudentConfig, tokenizer, seq_len: int) -> ReplayMixer | None:
@@ -575,9 +601,13 @@ def fit(t: Training, config: StudentConfig) -> tuple[dict, float]:
         tokens_done += n_lab + n_rep
         dt = time.perf_counter() - t0
         last = _step_metrics(config, t, step, epoch, sums, n_lab, n_rep, lr_now, grad_norm, dt)
-        if acc.is_main_process and ((step + 1) % config.log_every == 0 or step + 1 == t.total):
+        scored = live_eval.due(config, step + 1, t.total)
+        if scored:  # every process: under FSDP the forward is collective
+            last["eval"] = live_eval.evaluate(t.model, t.eval_sets, acc.device)
+        if acc.is_main_process and ((step + 1) % config.log_every == 0 or step + 1 == t.total or scored):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
+            trackers.log(acc, config.report_to, last)
         bar.set_postfix(ce=f"{last['ce']:.3f}", kl=f"{last['kl']:.3f}")
         bar.update(1)
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == t.total):
@@ -791,6 +821,7 @@ def run(config: StudentConfig) -> dict:
     last, tokens_done = fit(t, config)
     model_dir = save(t, config)
     elapsed = time.perf_counter() - t_start
+    trackers.finish(t.acc, config.report_to)  # a no-op on the other processes (they hold no trackers)
     t.acc.wait_for_everyone()
     return {
         "out": str(config.out),

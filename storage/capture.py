@@ -34,6 +34,8 @@ class CaptureMode:
     summary: Callable[[dict], str] = field(repr=False, compare=False)  # capture dict -> text
     mass_note: str = ""  # what the stored ids are, where `pipeline inspect` should say it
     tag: Callable[[dict], str] | None = field(default=None, repr=False, compare=False)  # short label, if not name
+    # What the stored width K holds per position, for `pipeline inspect` (K = the run spec's `k`).
+    entries: Callable[[int], str] = field(default=lambda k: f"{k} entries", repr=False, compare=False)
 
     def stored_width(self, top_k: int, draws: int) -> int:
         """K: the most entries a position can hold in this mode."""
@@ -67,6 +69,7 @@ _MODES = (
         width=lambda top_k, draws: top_k,
         fields=lambda **s: {},
         summary=lambda c: "the top k ids + the tail mass",
+        entries=lambda k: f"the top {k} ids with their log-probs, + the tail mass",
     ),
     CaptureMode(
         "topp",
@@ -79,6 +82,7 @@ _MODES = (
         summary=lambda c: (
             f"smallest prefix holding {c.get('top_p')} of the mass, {c.get('min_k')}..{c.get('max_k')} ids"
         ),
+        entries=lambda k: f"at most {k} top ids with their log-probs (by mass), + the tail mass",
     ),
     CaptureMode(
         "sample",
@@ -95,6 +99,7 @@ _MODES = (
         },
         summary=lambda c: f"{c.get('draws')} draws per position from the full distribution (seed {c.get('seed')})",
         mass_note="the distinct drawn tokens",
+        entries=lambda k: f"at most {k} distinct drawn ids with their draw counts (sampled, not a top-k)",
         tag=lambda c: f"sample ({c.get('draws')} draws)",
     ),
     CaptureMode(
@@ -111,6 +116,7 @@ _MODES = (
             "draws_algorithm": DRAWS_ALGORITHM,
         },
         summary=lambda c: f"exact top {c.get('head_k')} + {c.get('draws')} tail draws (seed {c.get('seed')})",
+        entries=lambda k: f"at most {k}: the exact top ids with log-probs, + distinct tail draws with counts",
     ),
 )
 

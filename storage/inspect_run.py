@@ -1,4 +1,8 @@
-"""`pipeline inspect RUN_DIR`: what a run holds, as a table or JSON."""
+"""`pipeline inspect RUN_DIR`: what a run holds, as a table or JSON.
+
+JSON's `k` is the stored width per position (the run spec's k): the top k for topk, the cap for topp, the number
+of draws for sample (distinct drawn ids with counts, at most that many), head + draws for hybrid; the table says
+which in words."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def summarize(run_dir: Path) -> dict:
                 "present_shards": sorted(present_shards(run_dir, spec)),
                 "missing_shards": missing_shards(run_dir, spec),
                 "k": spec.k,
+                "capture": dict(spec.capture),
                 "teacher": spec.teacher.get("name_or_path"),
                 "seq_len": spec.seq_len,
             }
@@ -62,7 +67,8 @@ def format_table(info: dict) -> str:
     if not info["finalized"] and "missing_shards" in info:
         return (
             f"{info['run_dir']}: NOT FINALIZED — {len(info['missing_shards'])} of {info['num_shards']} "
-            f"shards missing: {info['missing_shards'][:20]}\nteacher {info['teacher']}, k={info['k']}"
+            f"shards missing: {info['missing_shards'][:20]}\nteacher {info['teacher']}, "
+            f"stored per position: {_mode(info.get('capture') or {}).entries(info['k'])}"
         )
     cap = info.get("capture") or {}
     mode = _mode(cap)
@@ -71,8 +77,8 @@ def format_table(info: dict) -> str:
         f"teacher           {info['teacher']} ({info['teacher_dtype']}, engine {info['engine']})",
         f"tokenizer         {info['tokenizer_hash'][:16]}…  vocab {info['vocab_size']}",
         f"capture           {mode.describe(cap)}",
-        f"k                 {info['k']}   "
-        f"encoding {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
+        f"per position      {mode.entries(info['k'])}",
+        f"encoding          {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
         f"seq_len           {info['seq_len']}",
         f"rows              {info['rows']:,}",
         f"trained tokens    {info['trained_tokens']:,}",

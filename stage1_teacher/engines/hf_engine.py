@@ -161,6 +161,7 @@ class HFEngine:
         gguf_file: str | None = None,
         chunk_positions: int | None = None,
         max_model_len: int | None = None,
+        trust_remote_code: bool = False,
     ):
         if chunk_positions is not None and chunk_positions < 1:
             raise ValueError(f"chunk_positions={chunk_positions}: need >= 1")
@@ -194,6 +195,8 @@ class HFEngine:
         if gguf_file is not None and local and not os.path.isfile(os.path.join(os.path.expanduser(name), gguf_file)):
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {name}")
         kwargs = {"dtype": weights_dtype}
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         try:

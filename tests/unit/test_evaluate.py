@@ -150,7 +150,7 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, other_model_dir, text_
     )
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["model", str(other_model_dir)] and lines[1].split() == ["base", str(tiny_model_dir)]
-    header = next(i for i, l in enumerate(lines) if l.split() == ["corpus", "tokens", "nll", "ppl", "kl"])
+    header = next(i for i, l in enumerate(lines) if l.split() == ["corpus", "tokens", "nll", "ppl", "bits/byte", "kl"])
     assert [l.split()[0] for l in lines[header + 1 :]] == ["target", "retention"]
     saved = json.loads(out.read_text())
     assert saved["model"] == str(other_model_dir) and saved["base"] == str(tiny_model_dir)
@@ -158,7 +158,8 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, other_model_dir, text_
     for name, m in saved["corpora"].items():
         assert m["kl"] > 0 and m["tokens"] > 0 and m["ppl"] == pytest.approx(math.exp(m["nll"]))
         row = next(l for l in lines if l.startswith(name)).split()
-        assert float(row[2]) == pytest.approx(m["nll"], abs=1e-4) and float(row[4]) == pytest.approx(m["kl"], abs=1e-6)
+        assert float(row[2]) == pytest.approx(m["nll"], abs=1e-4) and float(row[5]) == pytest.approx(m["kl"], abs=1e-6)
+        assert float(row[4]) == pytest.approx(m["bits_per_byte"], abs=1e-4)
     assert saved["config"]["data"] == [f"target={text_corpus}", f"retention={prose_txt}"]
 
 

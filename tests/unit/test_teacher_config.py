@@ -105,7 +105,8 @@ def test_explicit_top_k_under_auto_is_what_the_run_stores(tmp_path, tiny_model_d
     assert reader.spec.capture["mode"] == "topk" and reader.spec.k == 8
     assert reader[0].sample_counts is None and reader[0].topk_ids.shape[1] == 8
     table = cli("inspect", tmp_path / "r").output
-    assert "capture           topk: the top k ids + the tail mass" in table and "k                 8 " in table
+    assert "capture           topk: the top k ids + the tail mass" in table
+    assert "per position      the top 8 ids with their log-probs, + the tail mass" in table
     r = cli(*args, "--capture", "sample", "--top-k", 64, "--out", tmp_path / "bad", expect_ok=False)
     assert r.exit_code != 0 and "--top-k has no effect with --capture sample" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "bad").exists()
