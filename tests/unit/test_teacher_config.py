@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 from stage1_teacher.config import TeacherConfig
 
@@ -112,3 +115,23 @@ def test_explicit_top_k_under_auto_is_what_the_run_stores(tmp_path, tiny_model_d
     r = cli(*args, "--capture", "sample", "--top-k", 64, "--out", tmp_path / "bad", expect_ok=False)
     assert r.exit_code != 0 and "--top-k has no effect with --capture sample" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "bad").exists()
+
+
+def test_vllm_options_through_the_cli(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """--tensor-parallel-size / --max-model-len / --gpu-memory-utilization are options of `pipeline teacher`,
+    refused with one message and nothing written when the engine is hf (given, or chosen by --engine auto)."""
+    from e2e_helpers import cli
+
+    args = ["teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--seq-len", 32]
+    help_text = cli("teacher", "--help").output
+    for opt in ("--tensor-parallel-size", "--max-model-len", "--gpu-memory-utilization"):
+        assert opt in help_text
+    r = cli(*args, "--engine", "hf", "--tensor-parallel-size", 2, "--out", tmp_path / "a", expect_ok=False)
+    assert r.exit_code != 0 and "--tensor-parallel-size only apply to the vLLM engine" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "a").exists()
+    if importlib.util.find_spec("vllm") is None and not torch.cuda.is_available():  # auto resolves to hf here
+        r = cli(*args, "--max-model-len", 64, "--out", tmp_path / "b", expect_ok=False)
+        assert r.exit_code != 0 and "--max-model-len only apply to the vLLM engine, and --engine auto chose hf" in (
+            r.output
+        )
+        assert "Traceback" not in r.output and not (tmp_path / "b").exists()
