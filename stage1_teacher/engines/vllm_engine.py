@@ -190,9 +190,14 @@ class VLLMEngine:
         self._SamplingParams = SamplingParams
         self._TokensPrompt = TokensPrompt
         if route == "hidden":
-            route_kwargs: dict[str, Any] = {"runner": "pooling"}
+            # the pooling entry points build their input processors from the tokenizer even for token-id prompts
+            route_kwargs: dict[str, Any] = {
+                "runner": "pooling",
+                "pooler_config": {"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": False},
+                "skip_tokenizer_init": False,
+            }
         else:
-            route_kwargs = {"max_logprobs": cap, "logprobs_mode": "raw_logprobs"}
+            route_kwargs = {"max_logprobs": cap, "logprobs_mode": "raw_logprobs", "skip_tokenizer_init": True}
             if "max_num_batched_tokens" not in llm_kwargs:
                 llm_kwargs["max_num_batched_tokens"] = step_tokens_for(_config_vocab_size(model_path))
         # LLM() warms up the chat template, which needs the tokenizer we skip: for a model with a chat
@@ -205,7 +210,6 @@ class VLLMEngine:
                 model=model_path,
                 dtype=vllm_dtype,
                 max_model_len=max_model_len,
-                skip_tokenizer_init=True,
                 **route_kwargs,
                 **llm_kwargs,
             )
@@ -326,6 +330,7 @@ class VLLMEngine:
             hidden.append(h)
         return hidden
 
+    @torch.inference_mode()
     def _score_hidden(self, batch, k: int, uniforms, tail_only: bool) -> list[TopK]:
         if k < (0 if uniforms is not None else 1):
             raise ValueError(f"k={k}: need a positive int (0 only with uniforms: draws without a head)")
