@@ -139,7 +139,8 @@ def _set_cpu_env_defaults(tensor_parallel_size: int) -> None:
 
 
 class VLLMEngine:
-    """Scores token sequences with vLLM's prompt log-probs.
+    """Scores token sequences with vLLM: its prompt log-probs (top-k), or its final hidden states + our lm_head
+    (draws, and top-k too) with route="hidden".
 
     Args:
       model: a Hugging Face model folder or hub id, or a `.gguf` file path.
