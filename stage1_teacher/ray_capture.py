@@ -152,6 +152,7 @@ class _ShardScorer:
         batch_size: int,
         torch_threads: int | None,
         quiet: bool = True,
+        vllm_options: dict | None = None,
     ):
         if quiet:  # the driver shows one bar for the whole run; per-worker loading bars are noise
             hf_logging.disable_progress_bar()
@@ -159,7 +160,7 @@ class _ShardScorer:
             torch.set_num_threads(torch_threads)
         self.spec, self.source, self.batch_size = spec, source, batch_size
         self.run_dir, self.attempts_dir = Path(run_dir), Path(attempts_dir)
-        self.engine = build_engine(spec, Path(model_dir), engine_name, device, dtype, gguf_file)
+        self.engine = build_engine(spec, Path(model_dir), engine_name, device, dtype, gguf_file, vllm_options)
         self.host = socket.gethostname()
 
     def _attempt(self, index: int) -> int:
@@ -289,6 +290,7 @@ def run_ray(config: TeacherConfig) -> dict:
                     batch_size=config.batch_size,
                     torch_threads=plan["torch_threads"],
                     quiet=quiet,
+                    vllm_options=config.vllm_kwargs(),
                 ),
                 # Bounded: a restarted actor retries the shard it died on; `_ShardScorer._attempt` ends it.
                 max_restarts=MAX_ATTEMPTS,

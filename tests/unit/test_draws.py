@@ -1,4 +1,4 @@
-"""The sampled modes' draws (`hf_engine.inverse_cdf_draws` and `HFEngine.score(..., uniforms=)`): the inverse
+"""The sampled modes' draws (`head_scoring.inverse_cdf_draws` and `HFEngine.score(..., uniforms=)`): the inverse
 CDF of the teacher distribution, checked against a plain fp64 sequential inverse CDF, by frequencies, and
 through the engine against an independent forward."""
 
@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stage1_teacher.capture_modes import draw_uniforms
-from stage1_teacher.engines.hf_engine import HFEngine, default_chunk_positions, inverse_cdf_draws
+from stage1_teacher.engines.head_scoring import default_chunk_positions, inverse_cdf_draws
+from stage1_teacher.engines.hf_engine import HFEngine
 
 
 def _reference_draws(p: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -134,17 +134,17 @@ def test_fingerprints(engine, tiny_model_dir, tiny_tokenizer_dir):
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 8.0, 30.0])  # flat ... peaked rows, both sides of the threshold
 def test_fast_tail_matches_summing_the_rest_of_the_distribution(scale):
-    """`_topk_and_tail` takes log(1 - Σ p_topk) where that does not cancel and sums the rest elsewhere:
+    """`topk_and_tail` takes log(1 - Σ p_topk) where that does not cancel and sums the rest elsewhere:
     the same ids and log-probs as topk, and the tail of an explicit masked logsumexp in fp64 to 1e-5 plus
     what the fp32 input allows. log(1 - Σ p_topk) assumes the fp32 log-probs sum to exactly 1; their
     normalisation error (|Σ p - 1|, ~1e-6 with AVX2's exp, less with AVX-512's) is divided by the tail mass
     (>= _TAIL_DIRECT_MIN on this path), so the bound grows as 1/tail mass, at most 20x that error."""
-    from stage1_teacher.engines.hf_engine import _TAIL_DIRECT_MIN, _topk_and_tail
+    from stage1_teacher.engines.head_scoring import _TAIL_DIRECT_MIN, topk_and_tail
 
     g = torch.Generator().manual_seed(int(scale * 10))
     logits = torch.randn(400, 3000, generator=g) * scale
     lp = torch.log_softmax(logits, dim=-1)
-    vals, idx, tail = _topk_and_tail(lp.clone(), 16)
+    vals, idx, tail = topk_and_tail(lp.clone(), 16)
     ref_vals, ref_idx = torch.topk(lp, 16, dim=-1)
     ref_tail = torch.logsumexp(torch.log_softmax(logits.double(), dim=-1).scatter(-1, ref_idx, float("-inf")), dim=-1)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
@@ -155,5 +155,5 @@ def test_fast_tail_matches_summing_the_rest_of_the_distribution(scale):
     both = (ref_tail.exp() > _TAIL_DIRECT_MIN).any() and (ref_tail.exp() < _TAIL_DIRECT_MIN).any()
     assert both or scale in (0.3, 30.0)  # the middle scales exercise both paths in one call
     # k = V: nothing outside the top k
-    _, _, empty = _topk_and_tail(lp[:5].clone(), 3000)
+    _, _, empty = topk_and_tail(lp[:5].clone(), 3000)
     assert torch.isneginf(empty).all()
