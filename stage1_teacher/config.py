@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.dtypes import canonical_dtype
-from storage import MODES, Encoding, mode_of
+from storage import MODES, Encoding
 
 from .engines import ENGINE_NAMES
 
