@@ -119,7 +119,10 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
         num_sequences = None
     if mode.sampled and engine != "hf":
         raise ValueError(f"--capture {mode.name} needs the hf engine (vLLM returns only the top-k); pass --engine hf")
-    encoding = Encoding.parse(config.encoding)
+    try:
+        encoding = Encoding.parse(config.encoding, sampled=mode.sampled, draw_logprobs=config.store_draw_logprobs)
+    except ValueError as e:
+        raise ValueError(f"--encoding {config.encoding!r} with --capture {mode.name}: {e}") from None
     if mode.sampled and encoding.ids == "delta":
         raise ValueError(f"--capture {mode.name} stores draw counts in entry order: use ids=plain in --encoding")
     spec = RunSpec(
