@@ -76,15 +76,16 @@ def mode_settings(name: str, seed: int) -> tuple[dict, dict, str]:
 
 def train_modes() -> list:
     """The gradient-fidelity bench's mode table (shared), plus more draws for the longer runs of issue 20."""
-    from fidelity_bench import SEED, Mode, _cap, all_modes
+    import dataclasses
 
-    from storage import MODES
+    from fidelity_bench import all_modes
 
+    modes = all_modes()
+    s32 = next(m for m in modes if m.name == "sample-32")
     extra = [
-        Mode(f"sample-{n}", _cap("sample", draws=n, seed=SEED, head_k=0), MODES["sample"].stored_width(0, n))
-        for n in (64, 128)
+        dataclasses.replace(s32, name=f"sample-{n}", capture={**s32.capture, "draws": n}, width=n) for n in (64, 128)
     ]
-    return all_modes() + extra
+    return modes + extra
 
 
 def settings_key(args) -> dict:
