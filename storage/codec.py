@@ -350,17 +350,18 @@ def decode_draws(
     raw[valid] = ids_flat
     drawn = counts > 0
     n_head = (valid & ~drawn).sum(axis=1)
-    ids = np.where(drawn, np.cumsum(np.where(drawn, raw, 0), axis=1), raw)
-    ids = np.where(valid, ids, -1).astype(np.int32)
-    n_lp = n_head + (drawn.sum(axis=1) if enc.draw_logprobs else 0)
-    lp_mask = col < n_lp[:, None]
-    lp_store = np.zeros((n, k), dtype=lp_flat.dtype)
-    lp_store[lp_mask] = lp_flat
-    lp = np.where(lp_mask, _lp_load(lp_store, enc), np.where(valid, np.float32(np.nan), np.float32(-np.inf)))
-    has_tail = (n_head > 0) | enc.draw_logprobs
+    ids = np.where(drawn, np.cumsum(np.where(drawn, raw, 0), axis=1), np.where(valid, raw, -1)).astype(np.int32)
+    lp = np.where(valid, np.float32(np.nan), np.float32(-np.inf))
     tail = np.full(n, np.nan, dtype=np.float32)
-    tail[has_tail] = tail_flat
-    return ids, lp.astype(np.float32), tail, counts
+    if lp_flat.size:  # sample mode without draw_logprobs stores none: nothing to decode
+        n_lp = n_head + (drawn.sum(axis=1) if enc.draw_logprobs else 0)
+        lp_mask = col < n_lp[:, None]
+        lp_store = np.zeros((n, k), dtype=lp_flat.dtype)
+        lp_store[lp_mask] = lp_flat
+        lp = np.where(lp_mask, _lp_load(lp_store, enc), lp)
+    if tail_flat.size:
+        tail[(n_head > 0) | enc.draw_logprobs] = tail_flat
+    return ids, lp.astype(np.float32, copy=False), tail, counts
 
 
 def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
