@@ -387,7 +387,9 @@ def report(rows: list[dict], settings: dict, wall: float | None, smoke: bool) ->
     log(f"[train] wrote {dest}")
     if not smoke:
         steps = settings["steps"]
-        plot(summary, ROOT / "docs" / ("fidelity_tradeoff.png" if steps == 20 else f"fidelity_tradeoff_{steps}steps.png"))
+        plot(
+            summary, ROOT / "docs" / ("fidelity_tradeoff.png" if steps == 20 else f"fidelity_tradeoff_{steps}steps.png")
+        )
     return out
 
 

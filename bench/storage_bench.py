@@ -300,7 +300,6 @@ def load_or_capture_draws(args) -> tuple[list[DrawDomain], dict]:
 def sampled_entries(dom: DrawDomain, s: int, mode: tuple[str, int, int]):
     """One sequence's stored entries (ids, log-probs, tail, counts) as stage 1 builds them."""
     from stage1_teacher.capture_modes import distinct_draws, hybrid_entries
-
     from storage import tail_from_topk
 
     kind, head, draws = mode
@@ -309,7 +308,12 @@ def sampled_entries(dom: DrawDomain, s: int, mode: tuple[str, int, int]):
         return ids, lps, tail_from_topk(lps), counts
     h_lp = dom.head_lp[s, :, :head]
     return hybrid_entries(
-        dom.head_ids[s, :, :head], h_lp, tail_from_topk(h_lp), dom.tail_draws[s, :, :draws], dom.tail_draw_lp[s, :, :draws], draws
+        dom.head_ids[s, :, :head],
+        h_lp,
+        tail_from_topk(h_lp),
+        dom.tail_draws[s, :, :draws],
+        dom.tail_draw_lp[s, :, :draws],
+        draws,
     )
 
 

@@ -105,4 +105,3 @@ def _layout_note(encoding: dict, sampled: bool) -> str:
         return ", sampled layout entries (every entry with its log-prob)"
     kept = "with" if encoding.get("draw_logprobs") else "without"
     return f", sampled layout counts (distinct ids + draw counts, {kept} the drawn ids' log-probs)"
-

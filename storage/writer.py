@@ -82,7 +82,9 @@ def shard_schema(
 def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values).astype(typ.to_pandas_dtype(), copy=False), type=typ))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(np.asarray(values).astype(typ.to_pandas_dtype(), copy=False), type=typ)
+    )
 
 
 class ShardWriter:
@@ -133,9 +135,7 @@ class ShardWriter:
             "variable": str(int(self.variable)),
             "sampled": str(int(self.sampled)),
         }
-        self.schema = shard_schema(
-            vocab_size, encoding, self._meta, variable=self.variable, sampled=self.sampled, k=k
-        )
+        self.schema = shard_schema(vocab_size, encoding, self._meta, variable=self.variable, sampled=self.sampled, k=k)
         self._input_id_max = np.iinfo(self.schema.field("input_ids").type.value_type.to_pandas_dtype()).max
         self._writer: pq.ParquetWriter | None = None
         self._buf: list[tuple] = []
@@ -222,9 +222,7 @@ class ShardWriter:
         if self._last_sample_id is not None and sample_id <= self._last_sample_id:
             raise ValueError(f"{where}: sample ids must increase within a shard (previous {self._last_sample_id})")
         self._last_sample_id = sample_id
-        self._buf.append(
-            (int(sample_id), input_ids, label_mask, topk_ids, topk_logprobs, tail, sample_counts)
-        )
+        self._buf.append((int(sample_id), input_ids, label_mask, topk_ids, topk_logprobs, tail, sample_counts))
         self.rows += 1
         self.tokens += T
         self.trained_tokens += n

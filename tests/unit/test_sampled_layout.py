@@ -39,9 +39,9 @@ def _labels(rng, n, vocab, draws, head_k, alpha):
             draw_ids[i] = -1
         else:
             draw_ids[i] = rng.choice(vocab, size=draws, p=q / q.sum())
-    draw_lp = np.where(
-        draw_ids >= 0, np.take_along_axis(logp, np.maximum(draw_ids, 0), axis=1), -np.inf
-    ).astype(np.float32)
+    draw_lp = np.where(draw_ids >= 0, np.take_along_axis(logp, np.maximum(draw_ids, 0), axis=1), -np.inf).astype(
+        np.float32
+    )
     if head_k == 0:
         ids, lps, counts = distinct_draws(draw_ids, draw_lp, draws)
         return ids, lps, tail_from_topk(lps), counts
@@ -174,7 +174,9 @@ def test_stage2_loss_is_identical_on_both_layouts(tmp_path, head_k):
     for x, y in zip(la, lb):
         assert torch.equal(x, y)
     # In the decoded order of each layout (no sorting) the values agree to float summation order.
-    u = with_kl_target_weights(collate_labels(_write(shard_path(tmp_path / "u", 0, 1), COUNTS, rows, head_k + draws, vocab)), capture)
+    u = with_kl_target_weights(
+        collate_labels(_write(shard_path(tmp_path / "u", 0, 1), COUNTS, rows, head_k + draws, vocab)), capture
+    )
     lu = fused_ce_kl_sums(z, labels, u["topk_ids"], u["topk_logprobs"], u["tail_logprob"])
     for x, y in zip(la, lu):
         assert float(x) == pytest.approx(float(y), rel=1e-6)
@@ -215,6 +217,9 @@ def test_legacy_shard_reads(tmp_path):
         np.testing.assert_array_equal(r.input_ids, inp)
         np.testing.assert_array_equal(r.topk_ids, ids)
         np.testing.assert_array_equal(r.sample_counts, counts)
+        v = ids >= 0
+        assert np.abs(r.topk_logprobs[v] - lps[v]).max() <= LEGACY.logprob_error_bound() + 1e-6
+        np.testing.assert_allclose(r.tail_logprob, tail, rtol=1e-3, atol=1e-3)  # f16
 
 
 def test_bad_options_are_refused():
@@ -230,6 +235,15 @@ def test_bad_options_are_refused():
 
 def test_narrow_input_ids_out_of_range_are_refused(tmp_path):
     w = ShardWriter(shard_path(tmp_path, 0, 1), fingerprint="f", k=2, vocab_size=100, encoding=COUNTS, sampled=True)
-    with pytest.raises(ValueError, match=r"part-00000-of-00001.parquet, sample_id 0: input ids must lie in \[0, 65535\]"):
-        w.add(0, np.array([1, 70000]), np.array([True]), np.array([[3, -1]]), np.array([[0.0, -np.inf]]), sample_counts=np.array([[2, 0]]))
+    with pytest.raises(
+        ValueError, match=r"part-00000-of-00001.parquet, sample_id 0: input ids must lie in \[0, 65535\]"
+    ):
+        w.add(
+            0,
+            np.array([1, 70000]),
+            np.array([True]),
+            np.array([[3, -1]]),
+            np.array([[0.0, -np.inf]]),
+            sample_counts=np.array([[2, 0]]),
+        )
     w.abort()
