@@ -4,6 +4,8 @@
     python bench/fidelity_train.py                   # 2 seeds x (λ=0, online, 8 offline modes), 20 steps each:
                                                      # ~10 min a run on 2 CPU cores, ~3 h in all; resumable
     python bench/fidelity_train.py --seeds 0 --modes topk-32,sample-12 --steps 2 --eval-seqs 2   # smoke, ~6 min
+    python bench/fidelity_train.py --seeds 0 --modes sample-32,sample-128 --steps 40 --work bench/out/fid40
+                                                     # a longer run: its own work dir, JSON and plot
 
 What one run is
     SmolLM2-135M-Instruct (fp32, CPU) fine-tuned on CHAMP competition math (train split), seq_len 128,
@@ -25,7 +27,8 @@ What is measured (`stage2_student.evaluate.evaluate_models`, the same held-out s
 
 Every finished run appends a line to <work>/rows.jsonl (settings fingerprint, mode, seed, numbers), so a killed
 or timed-out bench resumes where it stopped; `--report` only rebuilds the table, JSON and plot from that file.
-Writes bench/out/fidelity_train.json (fidelity_train_smoke.json under 20 steps) and docs/fidelity_tradeoff.png.
+Writes bench/out/fidelity_train.json (fidelity_train_smoke.json under 20 steps; fidelity_train_<N>steps.json for
+other lengths) and docs/fidelity_tradeoff.png (fidelity_tradeoff_<N>steps.png).
 """
 
 from __future__ import annotations
@@ -54,11 +57,10 @@ TARGET_SHARE, TARGET_BYTES = 0.95, 40.0
 def mode_settings(name: str, seed: int) -> tuple[dict, dict, str]:
     """(TeacherConfig fields, StudentConfig fields, stage-1 run name) of a capture mode; the sampled modes
     draw with the training seed, so each seed sees its own draws."""
-    from fidelity_bench import all_modes  # the mode table shared with the gradient-fidelity bench
-
-    m = next((x for x in all_modes() if x.name == name), None)
+    modes = train_modes()
+    m = next((x for x in modes if x.name == name), None)
     if m is None:
-        raise SystemExit(f"--modes: unknown mode {name!r}; known: {[x.name for x in all_modes()]}")
+        raise SystemExit(f"--modes: unknown mode {name!r}; known: {[x.name for x in modes]}")
     c, t, run = m.capture, {"capture": m.kind}, name.replace(" ", "_")
     if m.kind == "topk":
         t["top_k"] = m.width
@@ -70,6 +72,20 @@ def mode_settings(name: str, seed: int) -> tuple[dict, dict, str]:
             t["top_k"] = c["head_k"]
         run += f"-seed{seed}"
     return t, {"kl_tail": m.loss_tail}, run
+
+
+def train_modes() -> list:
+    """The gradient-fidelity bench's mode table (shared), plus more draws for the longer runs of issue 20."""
+    import dataclasses
+
+    from fidelity_bench import all_modes
+
+    modes = all_modes()
+    s32 = next(m for m in modes if m.name == "sample-32")
+    extra = [
+        dataclasses.replace(s32, name=f"sample-{n}", capture={**s32.capture, "draws": n}, width=n) for n in (64, 128)
+    ]
+    return modes + extra
 
 
 def settings_key(args) -> dict:
@@ -366,12 +382,23 @@ def report(rows: list[dict], settings: dict, wall: float | None, smoke: bool) ->
         "verdict": verdict,
         "table": tab,
     }
-    dest = OUT / ("fidelity_train_smoke.json" if smoke else "fidelity_train.json")
+    dest = OUT / out_name(settings["steps"], smoke)
     write_json(dest, out)
     log(f"[train] wrote {dest}")
     if not smoke:
-        plot(summary, ROOT / "docs" / "fidelity_tradeoff.png")
+        steps = settings["steps"]
+        plot(
+            summary, ROOT / "docs" / ("fidelity_tradeoff.png" if steps == 20 else f"fidelity_tradeoff_{steps}steps.png")
+        )
     return out
+
+
+def out_name(steps: int, smoke: bool) -> str:
+    """The JSON of a run length: fidelity_train.json for the 20-step table, fidelity_train_<N>steps.json for others
+    (so a longer run never overwrites the 20-step record), fidelity_train_smoke.json under 20 steps."""
+    if smoke:
+        return "fidelity_train_smoke.json"
+    return "fidelity_train.json" if steps == 20 else f"fidelity_train_{steps}steps.json"
 
 
 def plot(summary: list[dict], dest: Path) -> None:
@@ -446,7 +473,7 @@ def main(argv=None) -> int:
         if not rows:
             raise SystemExit(f"--report: no rows for these settings in {args.work}/rows.jsonl")
         wall = None  # keep the wall time of the run that produced the rows, if its JSON is there
-        prev = OUT / ("fidelity_train_smoke.json" if args.steps < 20 else "fidelity_train.json")
+        prev = OUT / out_name(args.steps, args.steps < 20)
         if prev.exists():
             try:
                 old = json.loads(prev.read_text())

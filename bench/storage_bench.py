@@ -4,6 +4,8 @@
                                                   # (~6 min, 2 cores)
     python bench/storage_bench.py --quick         # 3 × 2 × 128, a smoke run (~30 s)
     python bench/storage_bench.py --synthetic     # no model: storage.synthetic.synthetic_topk labels
+    python bench/storage_bench.py --sampled       # sampled labels (issue 20): legacy vs "counts" layout
+                                                  # (~3 min; --quick ~30 s)
 
 What it does
     1. Capture: SmolLM2-135M-Instruct (`demo.assets.smollm2_path`, fp32) scores packed windows
@@ -25,6 +27,16 @@ What it does
     permutation table stored per shard, or once per run, its bytes counted), and rank-ordered ids with
     the q8 codes stored as gaps and BYTE_STREAM_SPLIT on the id column (with and without the remap).
     Prints a table per k; writes bench/out/storage_bench.json (storage_bench_quick.json with --quick).
+
+--sampled: the same SmolLM2 windows, with 64 draws per position from the full fp32 distribution (and 16 draws
+    from the distribution outside its top 8, for hybrid-8+8), turned into stored entries by stage 1's own
+    `distinct_draws` / `hybrid_entries`. For sample-12/32/64 and hybrid-8+8, one shard per domain through
+    `storage.ShardWriter` in the legacy "entries" layout (what sampled runs stored before issue 20) and in the
+    "counts" layout (the default now), with and without the drawn ids' log-probs, byte-split ids on/off, narrow vs
+    int32 input ids. Reports bytes per trained token (whole files), per column, and read throughput
+    (ShardReader, decode to per-sequence arrays, best of --reps rounds, round-robin) relative to the legacy
+    layout. Checks that every layout decodes to the same (id, count) pairs. Writes
+    bench/out/storage_bench_sampled[_quick].json.
 """
 
 from __future__ import annotations
@@ -196,6 +208,223 @@ def load_or_capture(args) -> tuple[list[Domain], dict]:
         )
     np.savez(cache, **arrays)
     return domains, info
+
+
+# ---------------------------------------------------------------------------------- sampled labels
+
+
+@dataclass
+class DrawDomain:
+    name: str
+    input_ids: np.ndarray  # int32 (n, T)
+    draws: np.ndarray  # int64 (n, T-1, 64) draws from the full distribution
+    draw_lp: np.ndarray  # float32 (n, T-1, 64) their log-probs
+    head_ids: np.ndarray  # int64 (n, T-1, 8) the top 8
+    head_lp: np.ndarray  # float32 (n, T-1, 8)
+    tail_draws: np.ndarray  # int64 (n, T-1, 16) draws from outside the top 8
+    tail_draw_lp: np.ndarray  # float32 (n, T-1, 16)
+
+
+DRAW_FIELDS = ("input_ids", "draws", "draw_lp", "head_ids", "head_lp", "tail_draws", "tail_draw_lp")
+
+
+def capture_draws(n_seq: int, seq_len: int, threads: int) -> tuple[list[DrawDomain], dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from demo import assets
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    path = assets.smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    corpora = {
+        "shakespeare": assets.shakespeare_docs(),
+        "math": assets.champ_docs(),
+        "python": assets.python_stdlib_docs(),
+    }
+    out, t0 = [], time.perf_counter()
+    P = seq_len - 1
+    for name, docs in corpora.items():
+        inp = windows(docs, tok, n_seq, seq_len, tok.eos_token_id)
+        arrs = {
+            "draws": np.empty((n_seq, P, 64), np.int64),
+            "draw_lp": np.empty((n_seq, P, 64), np.float32),
+            "head_ids": np.empty((n_seq, P, 8), np.int64),
+            "head_lp": np.empty((n_seq, P, 8), np.float32),
+            "tail_draws": np.empty((n_seq, P, 16), np.int64),
+            "tail_draw_lp": np.empty((n_seq, P, 16), np.float32),
+        }
+        with torch.inference_mode():
+            for b in range(0, n_seq, 4):
+                x = torch.from_numpy(inp[b : b + 4]).long()
+                hidden = model.model(input_ids=x).last_hidden_state[:, :-1]  # (B, T-1, H)
+                for s in range(hidden.shape[0]):
+                    for c in range(0, P, 128):
+                        logp = model.lm_head(hidden[s, c : c + 128]).float().log_softmax(-1)  # (C, V)
+                        d = torch.multinomial(logp.exp(), 64, replacement=True, generator=gen)
+                        top = logp.topk(8, dim=-1)
+                        rest = logp.exp().scatter(-1, top.indices, 0.0)
+                        td = torch.multinomial(rest, 16, replacement=True, generator=gen)
+                        sl = (b + s, slice(c, c + 128))
+                        arrs["draws"][sl] = d.numpy()
+                        arrs["draw_lp"][sl] = logp.gather(-1, d).numpy()
+                        arrs["head_ids"][sl] = top.indices.numpy()
+                        arrs["head_lp"][sl] = top.values.numpy()
+                        arrs["tail_draws"][sl] = td.numpy()
+                        arrs["tail_draw_lp"][sl] = logp.gather(-1, td).numpy()
+        out.append(DrawDomain(name, inp, **arrs))
+    info = {
+        "source": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), torch.multinomial draws, seed 0",
+        "capture_s": round(time.perf_counter() - t0, 1),
+    }
+    return out, info
+
+
+def load_or_capture_draws(args) -> tuple[list[DrawDomain], dict]:
+    cache = OUT / f"capture-draws-smollm2-{args.seqs}x{args.seq_len}.npz"
+    if cache.exists() and not args.recapture:
+        z = np.load(cache, allow_pickle=False)
+        info = {**json.loads(str(z["info"])), "cached": str(cache)}
+        return [DrawDomain(n, *(z[f"{n}.{f}"] for f in DRAW_FIELDS)) for n in map(str, z["names"])], info
+    domains, info = capture_draws(args.seqs, args.seq_len, args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    arrays = {"names": np.array([d.name for d in domains]), "info": np.array(json.dumps(info))}
+    for d in domains:
+        arrays.update({f"{d.name}.{f}": getattr(d, f) for f in DRAW_FIELDS})
+    np.savez(cache, **arrays)
+    return domains, info
+
+
+def sampled_entries(dom: DrawDomain, s: int, mode: tuple[str, int, int]):
+    """One sequence's stored entries (ids, log-probs, tail, counts) as stage 1 builds them."""
+    from stage1_teacher.capture_modes import distinct_draws, hybrid_entries
+    from storage import tail_from_topk
+
+    kind, head, draws = mode
+    if kind == "sample":
+        ids, lps, counts = distinct_draws(dom.draws[s, :, :draws], dom.draw_lp[s, :, :draws], draws)
+        return ids, lps, tail_from_topk(lps), counts
+    h_lp = dom.head_lp[s, :, :head]
+    return hybrid_entries(
+        dom.head_ids[s, :, :head],
+        h_lp,
+        tail_from_topk(h_lp),
+        dom.tail_draws[s, :, :draws],
+        dom.tail_draw_lp[s, :, :draws],
+        draws,
+    )
+
+
+SAMPLED_MODES = (("sample", 0, 12), ("sample", 0, 32), ("sample", 0, 64), ("hybrid", 8, 8))
+
+
+def sampled_layouts() -> list[tuple[str, Encoding]]:
+    counts = Encoding.parse("compact", sampled=True)
+    return [
+        ("legacy entries (before issue 20)", Encoding()),
+        ("counts (default)", counts),
+        ("counts + draw log-probs", Encoding.parse("compact", sampled=True, draw_logprobs=True)),
+        ("counts, ids not byte-split", Encoding.from_dict({**counts.to_dict(), "ids_byte_stream_split": False})),
+        ("counts, int32 input ids", Encoding.from_dict({**counts.to_dict(), "input_ids": "int32"})),
+        ("counts, zstd 9", Encoding.from_dict({**counts.to_dict(), "zstd_level": 9})),
+    ]
+
+
+def run_sampled(args) -> int:
+    t0 = time.perf_counter()
+    domains, info = load_or_capture_draws(args)
+    n_pos = sum(d.draws.shape[0] * d.draws.shape[1] for d in domains)
+    print(f"sampled labels: {info['source']}; {n_pos:,} trained positions")
+    workdir = OUT / "storage_bench_sampled_shards"
+    reps = args.reps or (1 if args.quick else 9)
+    results = []
+    for mode in SAMPLED_MODES:
+        kind, head, draws = mode
+        label = f"{kind}-{draws}" if kind == "sample" else f"hybrid-{head}+{draws}"
+        entries = {d.name: [sampled_entries(d, s, mode) for s in range(d.draws.shape[0])] for d in domains}
+        distinct = np.mean([((e[3] > 0).sum(1)).mean() for es in entries.values() for e in es])
+        rounds = []
+        for name, enc in sampled_layouts():
+            d = workdir / label / name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+            shutil.rmtree(d, ignore_errors=True)
+            files = []
+            w0 = time.perf_counter()
+            for i, dom in enumerate(domains):
+                path = d / shard_name(i, len(domains))
+                with ShardWriter(
+                    path, fingerprint="bench", k=head + draws, vocab_size=VOCAB, encoding=enc, sampled=True
+                ) as w:
+                    for s, (ids, lps, tail, counts) in enumerate(entries[dom.name]):
+                        T = dom.input_ids.shape[1]
+                        w.add(s, dom.input_ids[s], np.ones(T - 1, bool), ids, lps, tail, sample_counts=counts)
+                    w.close()
+                files.append(path)
+            write_s = time.perf_counter() - w0
+
+            def read(files=files):
+                return [(r.topk_ids, r.sample_counts, r.input_ids) for f in files for r in ShardReader(f)]
+
+            decoded = read()
+            pairs = [
+                sorted(zip(i[c > 0].tolist(), c[c > 0].tolist())) + sorted(i[(c == 0) & (i >= 0)].tolist())
+                for ids, cnt, _ in decoded
+                for i, c in zip(ids, cnt)
+            ]
+            res = {
+                "mode": label,
+                "layout": name,
+                "encoding": enc.to_dict(),
+                "distinct_drawn_ids_per_position": float(distinct),
+                "trained_positions": n_pos,
+                "bytes_per_token": sum(map(os.path.getsize, files)) / n_pos,
+                "column_bytes_per_token": {c: b / n_pos for c, b in column_bytes(files).items()},
+                "write_tokens_per_s": n_pos / write_s,
+            }
+            if rounds and pairs != rounds[0][2]:
+                raise AssertionError(f"{label}, {name}: decodes to other (id, count) pairs than the legacy layout")
+            rounds.append((res, read, pairs))
+        time_reads([(r, rd) for r, rd, _ in rounds], reps)
+        for r, _, _ in rounds:
+            r["read_vs_legacy"] = r.pop("read_vs_exact")
+            results.append(r)
+        print(fmt_sampled(results, label), flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "command": " ".join(["python", "bench/storage_bench.py", *(sys.argv[1:])]),
+        "labels": info,
+        "seqs_per_domain": args.seqs,
+        "seq_len": args.seq_len,
+        "trained_positions": n_pos,
+        "read_repeats": reps,
+        "machine": machine(),
+        "results": results,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    out = args.out or OUT / f"storage_bench_sampled{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def fmt_sampled(results: list[dict], label: str) -> str:
+    rows = [r for r in results if r["mode"] == label]
+    head = (
+        f"{label} (mean distinct drawn ids per position {rows[0]['distinct_drawn_ids_per_position']:.1f})\n"
+        f"{'layout':<36} {'B/tok':>6} {'inputs':>6} {'ids':>6} {'counts':>6} {'lps':>6} {'tail':>5} {'n/pos':>5} "
+        f"{'read tok/s':>10} {'x legacy':>8}"
+    )
+    lines = [head, "-" * len(head.splitlines()[1])]
+    for r in rows:
+        c = r["column_bytes_per_token"]
+        lines.append(
+            f"{r['layout']:<36} {r['bytes_per_token']:6.2f} {c.get('input_ids', 0):6.2f} {c.get('topk_ids', 0):6.2f} "
+            f"{c.get('sample_counts', 0):6.2f} {c.get('topk_logprobs', 0):6.2f} {c.get('tail_logprob', 0):5.2f} "
+            f"{c.get('label_counts', 0):5.2f} {r['read_tokens_per_s']:10,.0f} {r['read_vs_legacy']:8.2f}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------- candidates
@@ -606,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None, help="read rounds, best taken (default 9; quick 1)")
     ap.add_argument("--recapture", action="store_true", help="ignore the cached capture in bench/out/")
+    ap.add_argument("--sampled", action="store_true", help="sampled labels: legacy vs counts layout (issue 20)")
     ap.add_argument(
         "--out", type=Path, default=None, help="JSON report (default bench/out/storage_bench[_quick][_synthetic].json)"
     )
@@ -627,6 +857,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.sampled:
+        if args.synthetic:
+            print("--sampled draws from SmolLM2's distributions: drop --synthetic", file=sys.stderr)
+            return 2
+        args.out = None if args.out == OUT / f"storage_bench{'_quick' if args.quick else ''}.json" else args.out
+        return run_sampled(args)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     domains, info = load_or_capture(args)

@@ -170,6 +170,13 @@ class TeacherConfig:
     encoding: str = field(
         default="compact", metadata={"help": "Shard encoding: compact | exact | key=value list (see storage/codec.py)."}
     )
+    store_draw_logprobs: bool = field(
+        default=False,
+        metadata={
+            "help": "Sampled modes: also store the drawn ids' log-probs (diagnostics: stage 2 then logs an unbiased "
+            "KL estimate; +~25% bytes). The loss never reads them."
+        },
+    )
     ray: bool = field(
         default=False,
         metadata={
@@ -268,6 +275,15 @@ class TeacherConfig:
             Encoding.parse(self.encoding)
         except ValueError as e:
             problems.append(f"encoding={self.encoding!r}: {e}")
+        try:
+            chosen = self.explicit_capture() if self.capture == "auto" or self.capture in MODES else None
+        except ValueError:  # conflicting mode options: reported on their own
+            chosen = None
+        if self.store_draw_logprobs and chosen is not None and not MODES[chosen].sampled:
+            problems.append(
+                f"store_draw_logprobs (--store-draw-logprobs) has no effect with --capture {chosen}: "
+                "only sample and hybrid draw; drop it"
+            )
         if problems:
             raise ValueError("invalid teacher config:\n  " + "\n  ".join(problems))
 

@@ -134,7 +134,10 @@ def prepare(config: TeacherConfig) -> tuple[RunSpec, ShardSource, Path, tuple[st
     if config.vllm_kwargs() and engine != "vllm":
         given = " / ".join("--" + n.replace("_", "-") for n in config.vllm_kwargs())
         raise ValueError(f"{given} only apply to the vLLM engine, and --engine {config.engine} chose {engine}")
-    encoding = Encoding.parse(config.encoding)
+    try:
+        encoding = Encoding.parse(config.encoding, sampled=mode.sampled, draw_logprobs=config.store_draw_logprobs)
+    except ValueError as e:
+        raise ValueError(f"--encoding {config.encoding!r} with --capture {mode.name}: {e}") from None
     if mode.sampled and encoding.ids == "delta":
         raise ValueError(f"--capture {mode.name} stores draw counts in entry order: use ids=plain in --encoding")
     spec = RunSpec(

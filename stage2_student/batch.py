@@ -77,6 +77,10 @@ def collate_labels(batch: list[SequenceLabels], pad_id: int = 0) -> dict[str, to
 #   sample: the mean over the N draws of log p(y) − log q(y), an unbiased estimate of KL(p ‖ q);
 #   hybrid: the exact head terms + p_T · the mean over the M tail draws of log p(y) − log q(y), unbiased too.
 # (up to the stored log-probs' quantisation: ≤ 0.042 nats per entry with the compact encoding.)
+# The "counts" layout of sampled shards (storage.codec, the default since issue 20) stores the drawn ids' log-probs
+# only with `pipeline teacher --store-draw-logprobs`; without them (NaN in the batch) there is no `kl_offset` and
+# the logged `kl` is the loss's own KL(w ‖ q) to the draw-count target: the training objective's KL term, not an
+# estimate of KL(p ‖ q). The loss and its gradient are the same either way.
 
 
 def with_kl_target_weights(batch: dict, capture: dict) -> dict:
@@ -105,17 +109,15 @@ def with_kl_target_weights(batch: dict, capture: dict) -> dict:
         new_tail = torch.where(total[:, 0] > 0, torch.full_like(tail, float("-inf")), tail)
     else:
         raise ValueError(f"capture mode {capture.get('mode')!r}: stage 2 has no KL target of kind {target!r}")
+    out = {**batch, "topk_logprobs": logw.to(torch.float32), "tail_logprob": new_tail}
+    if torch.isnan(torch.where(drawn, lp, 0.0)).any():  # drawn ids' log-probs not stored: no KL estimate
+        return out
     cats = torch.cat([logw, new_tail[:, None].float()], dim=1)  # (N, K+1): the loss's teacher categories
     present = cats > float("-inf")
     a = torch.log_softmax(torch.where(present.any(dim=1, keepdim=True), cats, 0.0), dim=1)  # renormalised
     lp_cats = torch.cat([lp.float(), new_tail[:, None].float()], dim=1)  # stored teacher log-probs
     offset = torch.where(present, a.exp() * (torch.where(present, lp_cats, 0.0) - torch.where(present, a, 0.0)), 0.0)
-    return {
-        **batch,
-        "topk_logprobs": logw.to(torch.float32),
-        "tail_logprob": new_tail,
-        "kl_offset": offset.sum(dim=1),  # (N,)
-    }
+    return {**out, "kl_offset": offset.sum(dim=1)}  # (N,)
 
 
 __all__ = ["IGNORE_INDEX", "pad_inputs", "collate_labels", "with_kl_target_weights"]

@@ -78,7 +78,8 @@ def format_table(info: dict) -> str:
         f"tokenizer         {info['tokenizer_hash'][:16]}…  vocab {info['vocab_size']}",
         f"capture           {mode.describe(cap)}",
         f"per position      {mode.entries(info['k'])}",
-        f"encoding          {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}",
+        f"encoding          {info['encoding']['ids']}/{info['encoding']['logprobs']}/{info['encoding']['tail']}"
+        + _layout_note(info["encoding"], mode.sampled),
         f"seq_len           {info['seq_len']}",
         f"rows              {info['rows']:,}",
         f"trained tokens    {info['trained_tokens']:,}",
@@ -100,3 +101,13 @@ def _mode(cap: dict) -> CaptureMode:
         return mode_of(cap)
     except ValueError:
         return MODES[DEFAULT_MODE]
+
+
+def _layout_note(encoding: dict, sampled: bool) -> str:
+    """The sampled-label layout (storage.codec), for sampled runs: which entries carry log-probs."""
+    if not sampled:
+        return ""
+    if encoding.get("sampled_layout", "entries") != "counts":
+        return ", sampled layout entries (every entry with its log-prob)"
+    kept = "with" if encoding.get("draw_logprobs") else "without"
+    return f", sampled layout counts (distinct ids + draw counts, {kept} the drawn ids' log-probs)"

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .codec import Encoding, decode_positions
+from .codec import Encoding, decode_draws, decode_positions
 from .errors import ForeignShardError, FormatVersionError, OpenFilesLimitError, ShardCorruptError
 from .layout import META_PREFIX, READABLE_FORMAT_VERSIONS
 
@@ -32,6 +32,8 @@ class SequenceLabels:
     tail_logprob: np.ndarray  # float32 (n,) log of the teacher mass outside the top k
     # Sampled runs only: (n, k) uint16 draws per entry (0 for exact head entries and padding).
     # In variable runs (top-p, sampled) positions are padded to k with id -1 and log-prob -inf.
+    # Sampled runs in the "counts" layout (storage.codec): exact head entries first, then the drawn ids by
+    # ascending id; log-probs and tail NaN where not stored (drawn ids without --store-draw-logprobs).
     sample_counts: np.ndarray | None = None
 
 
@@ -120,14 +122,20 @@ class ShardReader:
     def _decode(self, table: pa.Table) -> list[SequenceLabels]:
         sid = table.column("sample_id").to_numpy()
         inp, inp_off = _flat(table.column("input_ids"))
+        inp = inp.astype(np.int32, copy=False)  # narrow (uint16) input ids widen once per row group
         mask, mask_off = _flat(table.column("label_mask"))
         ids, _ = _flat(table.column("topk_ids"))
         lps, _ = _flat(table.column("topk_logprobs"))
         tail, tail_off = _flat(table.column("tail_logprob"))
         counts = _flat(table.column("label_counts"))[0].astype(np.int64) if self.variable else None
-        ids, lps, tail = decode_positions(ids, lps, tail, self.k, self.encoding, counts)
         draws = None
-        if self.sampled:
+        if self.sampled and self.encoding.counts_layout():
+            tail_off = _flat(table.column("label_counts"))[1]  # positions per row
+            flat_draws, _ = _flat(table.column("sample_counts"))
+            ids, lps, tail, draws = decode_draws(ids, flat_draws, lps, tail, counts, self.k, self.encoding)
+        else:
+            ids, lps, tail = decode_positions(ids, lps, tail, self.k, self.encoding, counts)
+        if self.sampled and draws is None:
             flat_draws, _ = _flat(table.column("sample_counts"))
             draws = np.zeros(ids.shape, dtype=np.uint16)
             draws[np.arange(self.k)[None, :] < counts[:, None]] = flat_draws

@@ -20,7 +20,17 @@ import pyarrow.parquet as pq
 
 from . import failpoints
 from .atomic import TmpFile, atomic_write_json, link_exclusive, remove_stale_tmp
-from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
+from .codec import (
+    Encoding,
+    count_type,
+    encode_draws,
+    encode_positions,
+    id_type,
+    input_id_type,
+    logprob_type,
+    tail_from_topk,
+    tail_type,
+)
 from .errors import RunWriteError
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
 from .receipt import ShardReceipt, sha256_file
@@ -40,17 +50,25 @@ _COMMITTED = failpoints.declare("shard.committed", "the shard is under its final
 
 
 def shard_schema(
-    vocab_size: int, enc: Encoding, metadata: dict[str, str], *, variable: bool = False, sampled: bool = False
+    vocab_size: int,
+    enc: Encoding,
+    metadata: dict[str, str],
+    *,
+    variable: bool = False,
+    sampled: bool = False,
+    k: int = 65535,
 ) -> pa.Schema:
     optional = []
+    # The "counts" layout of sampled labels narrows the per-position and per-entry counts to the width k.
+    small = count_type(k) if sampled and enc.counts_layout() else pa.uint16()
     if variable:  # entries per trained position (top-p, sampled labels)
-        optional.append(pa.field("label_counts", pa.list_(pa.uint16()), nullable=False))
+        optional.append(pa.field("label_counts", pa.list_(small), nullable=False))
     if sampled:  # draws per stored entry (0: an exact head entry)
-        optional.append(pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False))
+        optional.append(pa.field("sample_counts", pa.list_(small), nullable=False))
     return pa.schema(
         [
             pa.field("sample_id", pa.int64(), nullable=False),
-            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("input_ids", pa.list_(input_id_type(enc, vocab_size)), nullable=False),
             pa.field("label_mask", pa.list_(pa.bool_()), nullable=False),
             pa.field("topk_ids", pa.list_(id_type(vocab_size)), nullable=False),
             pa.field("topk_logprobs", pa.list_(logprob_type(enc)), nullable=False),
@@ -64,7 +82,9 @@ def shard_schema(
 def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(np.asarray(values).astype(typ.to_pandas_dtype(), copy=False), type=typ)
+    )
 
 
 class ShardWriter:
@@ -115,7 +135,8 @@ class ShardWriter:
             "variable": str(int(self.variable)),
             "sampled": str(int(self.sampled)),
         }
-        self.schema = shard_schema(vocab_size, encoding, self._meta, variable=self.variable, sampled=self.sampled)
+        self.schema = shard_schema(vocab_size, encoding, self._meta, variable=self.variable, sampled=self.sampled, k=k)
+        self._input_id_max = np.iinfo(self.schema.field("input_ids").type.value_type.to_pandas_dtype()).max
         self._writer: pq.ParquetWriter | None = None
         self._buf: list[tuple] = []
         self.rows = self.tokens = self.trained_tokens = 0
@@ -147,6 +168,11 @@ class ShardWriter:
         T = input_ids.shape[0]
         if input_ids.ndim != 1 or T < 2:
             raise ValueError(f"{where}: input_ids must be 1-D with at least 2 tokens, got shape {input_ids.shape}")
+        if T and (input_ids.min() < 0 or input_ids.max() > self._input_id_max):
+            raise ValueError(
+                f"{where}: input ids must lie in [0, {self._input_id_max}] for this encoding's input_ids column; "
+                f"got {input_ids.min()}..{input_ids.max()} (use --encoding input_ids=int32 for such a tokenizer)"
+            )
         if label_mask.shape != (T - 1,):
             raise ValueError(f"{where}: label_mask must have shape ({T - 1},), got {label_mask.shape}")
         n = int(label_mask.sum())
@@ -196,9 +222,7 @@ class ShardWriter:
         if self._last_sample_id is not None and sample_id <= self._last_sample_id:
             raise ValueError(f"{where}: sample ids must increase within a shard (previous {self._last_sample_id})")
         self._last_sample_id = sample_id
-        self._buf.append(
-            (int(sample_id), input_ids.astype(np.int32), label_mask, topk_ids, topk_logprobs, tail, sample_counts)
-        )
+        self._buf.append((int(sample_id), input_ids, label_mask, topk_ids, topk_logprobs, tail, sample_counts))
         self.rows += 1
         self.tokens += T
         self.trained_tokens += n
@@ -214,6 +238,8 @@ class ShardWriter:
             return
         sid, inp, mask, ids, lps, tails, counts = zip(*self._buf)
         self._buf = []
+        if self.sampled and self.encoding.counts_layout():
+            return self._write(sid, inp, mask, self._draw_columns(ids, lps, tails, counts))
         all_ids = np.concatenate(ids)
         ids_np, lp_np, tail_np = encode_positions(
             all_ids, np.concatenate(lps), np.concatenate(tails), self.encoding, self.vocab_size
@@ -228,15 +254,51 @@ class ShardWriter:
         if self.sampled:
             all_counts = np.concatenate(counts)
             optional.append(_list_array(all_counts[all_ids >= 0].astype(np.uint16), entries, pa.uint16()))
+        label_cols = [
+            _list_array(ids_np, entries, self.schema.field("topk_ids").type.value_type),
+            _list_array(lp_np, entries, self.schema.field("topk_logprobs").type.value_type),
+            _list_array(tail_np, n_per_row, self.schema.field("tail_logprob").type.value_type),
+            *optional,
+        ]
+        self._write(sid, inp, mask, label_cols)
+
+    def _draw_columns(self, ids, lps, tails, counts) -> list[pa.ListArray]:
+        """The label columns of sampled labels in the "counts" layout (storage.codec.encode_draws)."""
+        e = encode_draws(
+            np.concatenate(ids),
+            np.concatenate(lps),
+            np.concatenate(tails),
+            np.concatenate(counts),
+            self.encoding,
+            self.vocab_size,
+        )
+        bounds = np.concatenate([[0], np.cumsum([len(t) for t in tails])])
+
+        def per_row(v: np.ndarray) -> list[int]:  # a per-position count summed over each row's positions
+            c = np.concatenate([[0], np.cumsum(v, dtype=np.int64)])
+            return (c[bounds[1:]] - c[bounds[:-1]]).tolist()
+
+        n_per_row = np.diff(bounds).tolist()
+        entries = per_row(e["entries"])
+
+        def typ(name):
+            return self.schema.field(name).type.value_type
+
+        return [
+            _list_array(e["ids"], entries, typ("topk_ids")),
+            _list_array(e["logprobs"], per_row(e["n_logprobs"]), typ("topk_logprobs")),
+            _list_array(e["tail"], per_row(e["has_tail"]), typ("tail_logprob")),
+            _list_array(e["entries"].astype(typ("label_counts").to_pandas_dtype()), n_per_row, typ("label_counts")),
+            _list_array(e["counts"], entries, typ("sample_counts")),
+        ]
+
+    def _write(self, sid, inp, mask, label_cols: list[pa.ListArray]) -> None:
         table = pa.Table.from_arrays(
             [
                 pa.array(np.array(sid, dtype=np.int64)),
-                _list_array(np.concatenate(inp), [len(x) for x in inp], pa.int32()),
+                _list_array(np.concatenate(inp), [len(x) for x in inp], self.schema.field("input_ids").type.value_type),
                 _list_array(np.concatenate(mask), [len(x) for x in mask], pa.bool_()),
-                _list_array(ids_np, entries, self.schema.field("topk_ids").type.value_type),
-                _list_array(lp_np, entries, self.schema.field("topk_logprobs").type.value_type),
-                _list_array(tail_np, n_per_row, self.schema.field("tail_logprob").type.value_type),
-                *optional,
+                *label_cols,
             ],
             schema=self.schema,
         )
@@ -257,12 +319,18 @@ class ShardWriter:
             self.schema,
             compression="zstd",
             compression_level=self.encoding.zstd_level,
-            # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw.
-            use_dictionary=False,
+            # Dictionary encoding bloats float and code columns (FINDINGS §1); ids compress better raw. The small
+            # counts of the "counts" layout are the exception: dictionary indices + zstd save ~1 B/token at 32 draws.
+            use_dictionary=self._dictionary_columns() or False,
             # Integer BYTE_STREAM_SPLIT needs Parquet 2.11 readers (pyarrow >= 16); see Encoding.
             use_byte_stream_split=[f"{c}.list.element" for c in split_cols] or False,
             write_statistics=["sample_id"],
         )
+
+    def _dictionary_columns(self) -> list[str]:
+        if not (self.sampled and self.encoding.counts_layout()):
+            return []
+        return ["sample_counts.list.element", "label_counts.list.element"]
 
     def close(self) -> ShardReceipt:
         """Finish the file, link it into place (first writer wins) and write its receipt. Returns the

@@ -480,14 +480,28 @@ def test_topk_run_trains_with_reverse_jsd_and_temperature(tmp_path, tiny_run):
         assert len(m) == 2 and np.isfinite([r["kl"] for r in m]).all()
 
 
-def test_sampled_run_logs_a_kl_comparable_to_the_exact_one(tmp_path, sampled_runs, tiny_run):
-    """Step 1 trains the teacher itself: the exact KL is 0, and so is what a sampled run logs (within the stored
-    log-probs' 8-bit quantisation), where it used to log KL of the empirical target (> 1 nat here)."""
+def test_sampled_run_logs_a_kl_comparable_to_the_exact_one(
+    tmp_path, sampled_runs, tiny_run, tiny_model_dir, tiny_corpus_dir
+):
+    """Step 1 trains the teacher itself: the exact KL is 0, and so is what a sampled run captured with
+    --store-draw-logprobs logs (within the stored log-probs' 8-bit quantisation). The default counts layout
+    (issue 20) has no drawn log-probs: it logs the loss's own KL to the draw-count target, which is not 0."""
     args = ["--max-steps", 1, "--batch-size", 4, "--verify", "size", "--no-save-model", "--shuffle"]
-    for name, run in (("sample", sampled_runs["sample"]), ("hybrid", sampled_runs["hybrid"]), ("full", tiny_run)):
+    diag = {}
+    for mode, extra in (("sample", ["--draws", 8]), ("hybrid", ["--top-k", 4, "--draws", 4])):
+        diag[mode] = tmp_path / f"run-{mode}"
+        cli(
+            "teacher", "--model", tiny_model_dir, "--data", tiny_corpus_dir / "text.jsonl", "--out", diag[mode],
+            "--capture", mode, *extra, "--seq-len", 32, "--engine", "hf", "--store-draw-logprobs",
+        )  # fmt: skip
+    for name, run in (("sample", diag["sample"]), ("hybrid", diag["hybrid"]), ("full", tiny_run)):
         cli("student", "--run-dir", run, "--out", tmp_path / name, *args)
         kl = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["kl"]
         assert abs(kl) < 0.02, (name, kl)
+    for name in ("sample", "hybrid"):
+        cli("student", "--run-dir", sampled_runs[name], "--out", tmp_path / f"{name}-counts", *args)
+        kl = json.loads((tmp_path / f"{name}-counts" / "metrics.jsonl").read_text().splitlines()[0])["kl"]
+        assert kl > 0.05, (name, kl)
 
 
 def _metrics(d):

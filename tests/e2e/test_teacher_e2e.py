@@ -307,6 +307,7 @@ def test_config_file_and_inspect(tmp_path, tiny_model_dir, tiny_corpus_dir):
     [
         ("topp", ["--top-k", 32, "--top-p", 0.5, "--min-k", 2]),
         ("sample", ["--draws", 16]),
+        ("sample", ["--draws", 16, "--store-draw-logprobs"]),
         ("hybrid", ["--top-k", 4, "--draws", 8]),
         ("auto", ["--draws", 16, "--engine", "hf"]),
     ],
@@ -332,6 +333,10 @@ def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mod
     mode = "sample" if mode == "auto" else mode
     assert reader.spec.capture["mode"] == mode
     assert f"capture           {mode}:" in cli("inspect", out).output
+    keep_draw_lp = "--store-draw-logprobs" in extra
+    if mode in ("sample", "hybrid"):  # the counts layout is the sampled modes' default (issue 20)
+        assert reader.spec.encoding["sampled_layout"] == "counts"
+        assert reader.spec.encoding.get("draw_logprobs", False) == keep_draw_lp
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     row = reader[0]
     ids, lp, _ = reference_topk(model, row.input_ids, 384)
@@ -341,8 +346,13 @@ def test_capture_modes_end_to_end(tmp_path, tiny_model_dir, tiny_corpus_dir, mod
     for q, p in enumerate(np.flatnonzero(row.label_mask)):
         valid = row.topk_ids[q] >= 0
         assert valid.any()
-        # Every stored entry carries the teacher's own log-prob (within the q8 bound).
-        for i, v in zip(row.topk_ids[q][valid], row.topk_logprobs[q][valid]):
+        # Every stored log-prob is the teacher's own (within the q8 bound); the drawn ids of a sampled run carry
+        # none (NaN) unless --store-draw-logprobs kept them.
+        drawn = valid & (row.sample_counts[q] > 0) if row.sample_counts is not None else np.zeros_like(valid)
+        assert np.isnan(row.topk_logprobs[q][drawn]).all() != keep_draw_lp or not drawn.any()
+        kept = valid & ~np.isnan(row.topk_logprobs[q])
+        assert kept.sum() == (valid.sum() if keep_draw_lp or mode == "topp" else (valid & ~drawn).sum())
+        for i, v in zip(row.topk_ids[q][kept], row.topk_logprobs[q][kept]):
             assert abs(full[p][i] - v) <= Encoding().logprob_error_bound() + 1e-4
         if mode == "sample":
             assert row.sample_counts[q].sum() == 16
