@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from . import failpoints
 from .atomic import TmpFile, atomic_write_json, link_exclusive, remove_stale_tmp
 from .codec import Encoding, encode_positions, id_type, logprob_type, tail_from_topk, tail_type
 from .errors import RunWriteError
+from .fs import AnyPath, RemotePath, file_size, location, put_file_if_absent
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
 from .receipt import ShardReceipt, sha256_file
 
@@ -61,6 +63,13 @@ def shard_schema(
     )
 
 
+def _staging_path(path: AnyPath) -> Path:
+    """Where a remote shard is written before its upload: $LABEL_ANNEAL_STAGING or the system tmp dir."""
+    root = Path(os.environ.get("LABEL_ANNEAL_STAGING") or Path(tempfile.gettempdir()) / "label-anneal-staging")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / path.name
+
+
 def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -86,7 +95,7 @@ class ShardWriter:
         variable: bool = False,
         sampled: bool = False,
     ):
-        self.path = Path(path)
+        self.path = location(path)
         parsed = parse_shard_name(self.path.name)
         if parsed is None:
             raise ValueError(f"{self.path.name}: shard files must be named part-IIIII-of-NNNNN.parquet")
@@ -102,7 +111,11 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.path)
         remove_stale_tmp(receipt_path(self.path))  # a receipt write killed half-way (never read either way)
-        self._tmp = TmpFile(self.path)  # locked until the end: no other writer's sweep removes it
+        # A remote shard is built in a local staging file and uploaded whole when complete (storage.fs).
+        staged = _staging_path(self.path) if isinstance(self.path, RemotePath) else self.path
+        if staged is not self.path:
+            remove_stale_tmp(staged)
+        self._tmp = TmpFile(staged)  # locked until the end: no other writer's sweep removes it
         self.tmp = self._tmp.path
         self._meta = {
             "format_version": str(FORMAT_VERSION),
@@ -293,8 +306,12 @@ class ShardWriter:
                 fingerprint=self.fingerprint,
             )
             _CLOSED(shard=self.index)
-            won = link_exclusive(self.tmp, self.path)
-            self._tmp.close()
+            if isinstance(self.path, RemotePath):
+                won = put_file_if_absent(self.tmp, self.path)
+                self._tmp.discard()
+            else:
+                won = link_exclusive(self.tmp, self.path)
+                self._tmp.close()
             if not won:
                 self.lost_race = True
                 return self._winners_receipt()
@@ -309,7 +326,7 @@ class ShardWriter:
         """The receipt of the shard another writer linked first: from its receipt file once written, else
         from the file itself (the winner may still be between its link and its receipt)."""
         rpath = receipt_path(self.path)
-        size = os.path.getsize(self.path)
+        size = file_size(self.path)
         if rpath.exists():
             try:
                 r = ShardReceipt.from_dict(json.loads(rpath.read_text()))
@@ -317,7 +334,8 @@ class ShardWriter:
                     return r
             except (ValueError, KeyError, TypeError):
                 pass
-        meta = pq.ParquetFile(self.path).metadata.metadata or {}
+        source = self.path.open_input_file() if isinstance(self.path, RemotePath) else self.path
+        meta = pq.ParquetFile(source).metadata.metadata or {}
         stats = json.loads(meta[(META_PREFIX + "stats").encode()])
         return ShardReceipt(
             name=self.path.name,
