@@ -88,6 +88,9 @@ class RemotePath:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def __lt__(self, other: "RemotePath") -> bool:  # sorted(dir.iterdir()), as for Paths
+        return str(self) < str(other)
+
     @property
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -424,7 +427,7 @@ def _s3_client(path: RemotePath):
         scheme = (query.get("scheme") or ["https"])[0]
         endpoint = f"{scheme}://{endpoint}"
     region = getattr(path.fs, "region", None) or None
-    key = (endpoint, region, os.getpid())
+    key = (endpoint, os.environ.get("AWS_ENDPOINT_URL"), region, os.getpid())
     if key not in _CLIENTS:
         cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
         _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
