@@ -78,7 +78,7 @@ def test_teacher_inspect_student_round_trip(tmp_path, s3_server, bucket, teacher
     assert "finalized" in res.output and uri in res.output
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:"), "no local directory named after the URI"
     keys = s3_server.keys(bucket)
-    assert f"runs/r1/run.json" in keys and f"runs/r1/manifest.json" in keys
+    assert "runs/r1/run.json" in keys and "runs/r1/manifest.json" in keys
     assert len([k for k in keys if k.endswith(".parquet")]) == SHARDS
     assert not [k for k in keys if k.endswith(".tmp")], "nothing but the run's files"
     assert_same_run(uri, local_ref)  # byte-identical shards, same rows, through the S3 reader
@@ -168,3 +168,51 @@ def _exact():
     from storage import Encoding
 
     return Encoding.exact()
+
+
+def test_truncated_or_foreign_object_at_a_shard_key(tmp_path, s3_server, bucket, teacher_args):
+    uri = f"s3://{bucket}/bad"
+    cli("teacher", *teacher_args, "--out", uri)
+    c = s3_server.client()
+    key0 = f"bad/shards/{shard_path(uri, 0, SHARDS).name}"
+    whole = c.get_object(Bucket=bucket, Key=key0)["Body"].read()
+    # 1. a finished run whose shard was replaced by a truncated object: stage 2 refuses it, naming the shard.
+    c.put_object(Bucket=bucket, Key=key0, Body=whole[: len(whole) // 2])
+    r = cli("student", "--run-dir", uri, "--out", tmp_path / "s", "--max-steps", 1, expect_ok=False)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert f"s3://{bucket}/{key0}" in r.output
+    assert "truncated" in r.output
+    # 2. no manifest, no receipt, the truncated object under the final name: finalizing names it and the fix.
+    c.delete_object(Bucket=bucket, Key="bad/manifest.json")
+    c.delete_object(Bucket=bucket, Key=key0 + ".receipt.json")
+    r = cli("teacher", "--finalize", uri, expect_ok=False)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "not a readable Parquet file" in r.output and "part-00000" in r.output and "Delete" in r.output
+    # 3. a shard of another run under the same name: refused as foreign.
+    c.delete_object(Bucket=bucket, Key=key0)
+    w = ShardWriter(shard_path(uri, 0, SHARDS), fingerprint="f" * 32, k=8, vocab_size=384, encoding=_exact())
+    w.close()
+    r = cli("teacher", "--finalize", uri, expect_ok=False)
+    assert r.exit_code != 0 and "another run" in r.output and "Traceback" not in r.output
+    assert not location(f"{uri}/manifest.json").exists(), "nothing counted as done"
+
+
+def test_server_going_away_mid_upload(tmp_path, s3_server, bucket, teacher_args, local_ref):
+    """The store stops answering while shard 1 is being uploaded: a clear error, and nothing half-written under a
+    final name; with the store back, the same command completes the run."""
+    uri, log = f"s3://{bucket}/away", tmp_path / "teacher.log"
+    p = spawn_pipeline(log, "teacher", *teacher_args, "--out", uri, failpoints="shard.closed{shard=1}=stop")
+    wait_stopped(p)  # shard 1 is complete in its local staging file, about to be uploaded
+    s3_server.stop()
+    os.kill(p.pid, signal.SIGCONT)
+    assert p.wait() == 1
+    out = log.read_text()
+    assert "Traceback" not in out and "could not upload" in out and "part-00001" in out, out[-3000:]
+    s3_server.start()  # a new server over the same data (new port: AWS_ENDPOINT_URL follows)
+    keys = s3_server.keys(bucket, "away/")
+    assert [k for k in keys if "part-00001" in k] == [], "nothing of shard 1 is listed"
+    assert "away/manifest.json" not in keys and len(_shard_keys(s3_server, bucket, "away")) == 1
+    with row_groups():
+        res = cli("teacher", *teacher_args, "--out", uri)
+    assert "finalized" in res.output
+    assert_same_run(uri, local_ref)
