@@ -45,8 +45,12 @@ def write_run(run_dir, spec, rows) -> None:
     enc = Encoding.from_dict(spec.encoding)
     for i in range(spec.num_shards):
         with ShardWriter(
-            shard_path(run_dir, i, spec.num_shards), fingerprint=spec.fingerprint, k=spec.k,
-            vocab_size=spec.vocab_size, encoding=enc, row_group_rows=64,
+            shard_path(run_dir, i, spec.num_shards),
+            fingerprint=spec.fingerprint,
+            k=spec.k,
+            vocab_size=spec.vocab_size,
+            encoding=enc,
+            row_group_rows=64,
         ) as w:
             for shard, *row in rows:
                 if shard == i:
@@ -71,7 +75,9 @@ def main() -> None:
     spec = synthetic_spec(k=32, vocab_size=512, num_shards=4, num_sequences=seqs, seq_len=256)
     rows = list(synthetic_rows(spec))
     os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
     server, endpoint = start_server()

@@ -107,3 +107,10 @@ def test_storage_layer_on_a_non_local_filesystem():
     assert m.rows == 8 and load_manifest(str(run)).to_dict() == m.to_dict()
     got = [r.sample_id for r in RunReader(str(run), verify="checksum")]
     assert got == [0, 1, 2, 3, 4, 100, 101, 102]
+
+
+def test_ray_with_a_bucket_is_refused_before_work():
+    from stage1_teacher.config import TeacherConfig
+
+    with pytest.raises(ValueError, match="--ray writes into a local or shared-filesystem run directory only"):
+        TeacherConfig(model="m", data="d.jsonl", out="s3://bucket/run?region=us-east-1", ray=True)
