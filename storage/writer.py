@@ -6,7 +6,11 @@ Two writers of one shard (two pods of one Kubernetes index, a requeued SLURM tas
 the first to link wins; the other discards its file and returns the winner's receipt. Only the winner
 writes the receipt, after its link, so the receipt always describes the file under the final name. A
 process killed between the link and the receipt leaves a complete shard without one: `receipt_for`
-rebuilds it from the file (rows and stats from its metadata, sha256 from its bytes)."""
+rebuilds it from the file (rows and stats from its metadata, sha256 from its bytes).
+
+A shard of a run directory on an object store (storage.fs) is built the same way in a local staging file, then
+uploaded whole under its final name if no other writer's is there (a conditional PUT on S3): the same first-writer-
+wins rule without a rename."""
 
 from __future__ import annotations
 
