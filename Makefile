@@ -24,7 +24,7 @@ demo: $(BIN)/.installed
 	$(BIN)/pipeline demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not vllm and not ray" -q
+	$(BIN)/python -m pytest -m "not vllm and not ray and not s3" -q
 
 # Formatting and lint (ruff, configured in pyproject.toml); .ci/run runs `make lint`.
 lint: $(BIN)/.installed

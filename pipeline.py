@@ -53,8 +53,33 @@ def config_option(f):
     )(f)
 
 
+class LocationType(click.ParamType):
+    """A run directory: a local path or a URI (s3://, gs://, hdfs://, ...; storage.fs). A bad URI is refused here,
+    before anything runs; `exists`: a local path must be an existing directory (as click.Path(exists=True))."""
+
+    name = "path|uri"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+
+    def convert(self, value, param, ctx):
+        from storage.fs import LocationError, RemotePath, location
+
+        if isinstance(value, (Path, RemotePath)):
+            return value
+        try:
+            loc = location(value)
+        except LocationError as e:
+            self.fail(str(e), param, ctx)
+        if self.exists and isinstance(loc, Path) and not loc.is_dir():
+            self.fail(f"Directory '{value}' does not exist.", param, ctx)
+        return loc
+
+
 def _click_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if any(getattr(a, "__name__", "") == "RemotePath" for a in args):  # a run directory: path or URI
+        return LocationType()
     base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and args else hint
     return {int: int, float: float, str: str, Path: click.Path(path_type=Path), bool: bool}.get(base, str)
 
@@ -164,7 +189,7 @@ def cli(verbose: int):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir", type=LocationType(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(run_dir: Path, as_json: bool):
     """Show what a run directory holds: capture mode and what each position stores (sampled draws or top-k),
@@ -185,9 +210,9 @@ def inspect(run_dir: Path, as_json: bool):
 @click.option(
     "--finalize",
     "finalize_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=LocationType(),
     default=None,
-    help="Only check that every shard of RUN_DIR is present and write its manifest.",
+    help="Only check that every shard of RUN_DIR (a path or a URI) is present and write its manifest.",
 )
 def teacher(finalize_dir: Path | None, **params):
     """Stage 1: score a corpus with the frozen teacher and store its soft labels as shards: by default N sampled

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lm.dtypes import canonical_dtype
 from storage import MODES, Encoding
+from storage.fs import RemotePath, is_remote, location
 
 from .engines import ENGINE_NAMES
 
@@ -60,7 +61,9 @@ class TeacherConfig:
     data: str = field(
         metadata={"help": "Corpus: .jsonl/.json/.parquet/.txt file, a directory of them, or a hub dataset name."}
     )
-    out: Path = field(metadata={"help": "Run directory to create or resume."})
+    out: RemotePath | Path = field(
+        metadata={"help": "Run directory to create or resume: a local path, or s3://, gs://, hdfs:// (storage.fs)."}
+    )
     top_k: int | None = field(
         default=None,
         metadata={
@@ -215,7 +218,7 @@ class TeacherConfig:
             object.__setattr__(self, "num_shards", _env_num_shards() or 1)
         if self.shard_index is None:
             object.__setattr__(self, "shard_index", _env_shard_index())
-        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "out", location(self.out))  # LocationError (a ValueError) before any write
         if self.chat_template is not None:
             object.__setattr__(self, "chat_template", Path(self.chat_template))
         problems = []
@@ -226,6 +229,11 @@ class TeacherConfig:
             )
         if self.trust_remote_code and self.engine == "vllm":
             problems.append("--trust-remote-code is supported with the hf engine only here; pass --engine hf")
+        if self.ray and is_remote(self.out):
+            problems.append(
+                f"--out {self.out}: --ray writes into a local or shared-filesystem run directory only; for a bucket, "
+                f"run one process per shard (--shard-index, a SLURM / Kubernetes array) without --ray"
+            )
         top_k, top_p, min_k, draws = (self.mode_settings()[n] for n in ("top_k", "top_p", "min_k", "draws"))
         if top_k < 1:
             problems.append(f"top_k={top_k}: must be >= 1")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.dtypes import canonical_dtype
 from storage import mode_of
+from storage.fs import RemotePath, is_uri, location
 
 from .trackers import parse_report_to
 
@@ -21,7 +23,12 @@ from .trackers import parse_report_to
 @dataclass(frozen=True)
 class StudentConfig:
     # Not `--run`: torchrun's own argument parser swallows any option that abbreviates its `--run-path`.
-    run_dir: Path = field(metadata={"help": "Run directory written by `pipeline teacher` (the stored soft labels)."})
+    run_dir: RemotePath | Path = field(
+        metadata={
+            "help": "Run directory written by `pipeline teacher` (the stored soft labels): a local path or a URI "
+            "(s3://, gs://, hdfs://)."
+        }
+    )
     out: Path = field(metadata={"help": "Output directory: checkpoints/, model/, metrics.jsonl, config.json."})
     kl_weight: float = field(default=1.0, metadata={"help": "λ in CE + λ·KL(teacher‖student); 0 = plain fine-tuning."})
     model: str | None = field(
@@ -223,8 +230,8 @@ class StudentConfig:
     )
 
     def __post_init__(self):
-        object.__setattr__(self, "run_dir", Path(self.run_dir))
-        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "run_dir", location(self.run_dir))  # LocationError (a ValueError) for a bad URI
+        object.__setattr__(self, "out", _local_out(self.out))
         if self.chat_template is not None:
             object.__setattr__(self, "chat_template", Path(self.chat_template))
         eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data or ())
@@ -574,7 +581,9 @@ def parse_floats(text: str | None, name: str) -> list[float]:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    run_dir: Path = field(metadata={"help": "Run directory of stored labels (from `pipeline teacher`)."})
+    run_dir: RemotePath | Path = field(
+        metadata={"help": "Run directory of stored labels (from `pipeline teacher`): a local path or a URI."}
+    )
     out: Path = field(metadata={"help": "Sweep directory: runs/NAME per student, sweep.json, sweep.md, tradeoff.png."})
     kl_weights: str = field(default="0,1", metadata={"help": "Comma-separated λ values (0 = direct fine-tuning)."})
     lrs: str | None = field(
@@ -621,8 +630,8 @@ class SweepConfig:
     )
 
     def __post_init__(self):
-        object.__setattr__(self, "run_dir", Path(self.run_dir))
-        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "run_dir", location(self.run_dir))  # LocationError (a ValueError) for a bad URI
+        object.__setattr__(self, "out", _local_out(self.out))
         object.__setattr__(self, "eval_data", tuple(self.eval_data))
         problems = []
         for name in ("kl_weights", "lrs", "l2_inits", "ewc_weights", "replay_ratios", "merge_alphas"):
@@ -716,3 +725,13 @@ class SweepConfig:
                 )
             )
         return out
+
+
+def _local_out(out) -> Path:
+    """Stage-2 outputs (checkpoints, model, metrics) are local: a URI here is refused before any work."""
+    if is_uri(str(out)) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(out)):  # Path("s3://b") is "s3:/b"
+        raise ValueError(
+            f"out={out}: stage-2 outputs go to a local directory (or a mounted one); the run directory "
+            f"(--run-dir) may be a bucket, --out may not. Copy the output up afterwards"
+        )
+    return Path(out)

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from storage import SequenceLabels
+from storage.fs import location
 from storage.run_reader import RunReader
 from storage.writer import ROW_GROUP_ROWS
 
@@ -186,7 +187,7 @@ class ShardStream(IterableDataset):
         seed: int | None = None,
         verify: str = "size",
     ):
-        self.run_dir, self.verify, self.seed, self.epoch = Path(run_dir), verify, seed, 0
+        self.run_dir, self.verify, self.seed, self.epoch = location(run_dir), verify, seed, 0
         r, w = _dist_rank_world()
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size

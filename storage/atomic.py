@@ -30,6 +30,8 @@ import secrets
 import socket
 from pathlib import Path
 
+from .fs import AnyPath, RemotePath, put_bytes
+
 TMP_SUFFIX = ".tmp"
 _NEW_SUFFIX = ".new"
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
@@ -134,8 +136,14 @@ def link_exclusive(tmp: Path, final: Path) -> bool:
     return True
 
 
-def atomic_write_bytes(path: Path, data: bytes, before_rename=None) -> None:
-    """Write `data` to `path` atomically; `before_rename()` (a failpoint) runs once the tmp is complete."""
+def atomic_write_bytes(path: AnyPath, data: bytes, before_rename=None) -> None:
+    """Write `data` to `path` atomically; `before_rename()` (a failpoint) runs once the tmp is complete.
+    On a remote location (storage.fs) the whole object is written in one request: there is no tmp."""
+    if isinstance(path, RemotePath):
+        if before_rename is not None:
+            before_rename()
+        put_bytes(path, data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = TmpFile(path)
@@ -154,8 +162,12 @@ def atomic_write_bytes(path: Path, data: bytes, before_rename=None) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj, before_rename=None) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), before_rename)
+def atomic_write_json(path: AnyPath, obj, before_rename=None) -> None:
+    atomic_write_bytes(
+        path if isinstance(path, RemotePath) else Path(path),
+        (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(),
+        before_rename,
+    )
 
 
 def is_tmp_of(name: str, final_name: str) -> bool:
@@ -168,8 +180,10 @@ def remove_stale_tmp(final: Path) -> list[Path]:
     Only the tmp files of one target are touched, and of those only the unlocked ones: other nodes may
     be writing this very file right now (two pods of one Kubernetes index), and theirs are not stale.
     """
-    final = Path(final)
     removed = []
+    if isinstance(final, RemotePath):  # no locks there; a killed upload's `.tmp` object is litter no reader reads
+        return removed
+    final = Path(final)
     if not final.parent.is_dir():
         return removed
     for p in final.parent.iterdir():

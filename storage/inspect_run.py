@@ -6,16 +6,15 @@ which in words."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .capture import DEFAULT_MODE, MODES, CaptureMode, mode_of
 from .errors import IncompleteRunError
+from .fs import location
 from .manifest import build_manifest, load_manifest, missing_shards, present_shards
 from .spec import load_run_spec
 
 
-def summarize(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
+def summarize(run_dir) -> dict:
+    run_dir = location(run_dir)
     try:
         m = load_manifest(run_dir)
         finalized = True

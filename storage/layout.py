@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from .fs import location
 
 FORMAT_NAME = "label-anneal-shards"
 # 2: each shard holds its own corpus range packed on its own (lm/corpus.py "Shards"); the file format is
@@ -34,9 +35,10 @@ def parse_shard_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def shard_path(run_dir: Path, index: int, num_shards: int) -> Path:
-    return Path(run_dir) / SHARD_DIR / shard_name(index, num_shards)
+def shard_path(run_dir, index: int, num_shards: int):
+    """A Path, or a storage.fs.RemotePath for a run directory given as a URI."""
+    return location(run_dir) / SHARD_DIR / shard_name(index, num_shards)
 
 
-def receipt_path(shard: Path) -> Path:
+def receipt_path(shard):
     return shard.with_name(shard.name + RECEIPT_SUFFIX)

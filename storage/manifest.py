@@ -12,6 +12,7 @@ from pathlib import Path
 from . import failpoints
 from .atomic import atomic_write_json, remove_stale_tmp
 from .errors import ForeignShardError, IncompleteRunError, ManifestError, RunWriteError
+from .fs import AnyPath, location
 from .layout import MANIFEST, RUN_SPEC, SHARD_DIR, parse_shard_name, shard_name
 from .receipt import ShardReceipt, receipt_for
 from .spec import RunSpec, load_run_spec, read_json
@@ -57,8 +58,8 @@ class Manifest:
         }
 
 
-def load_manifest(run_dir: Path) -> Manifest:
-    run_dir = Path(run_dir)
+def load_manifest(run_dir: AnyPath) -> Manifest:
+    run_dir = location(run_dir)
     path = run_dir / MANIFEST
     if not path.exists():
         hint = (
@@ -89,10 +90,10 @@ def load_manifest(run_dir: Path) -> Manifest:
     return Manifest(spec=spec, shards=shards, path=path)
 
 
-def present_shards(run_dir: Path, spec: RunSpec) -> dict[int, Path]:
+def present_shards(run_dir: AnyPath, spec: RunSpec) -> dict[int, AnyPath]:
     """Complete shards of this run present on disk, by index. Files of another shard count are foreign."""
     out = {}
-    shard_dir = Path(run_dir) / SHARD_DIR
+    shard_dir = location(run_dir) / SHARD_DIR
     if not shard_dir.is_dir():
         return out
     for p in sorted(shard_dir.iterdir()):
@@ -109,14 +110,14 @@ def present_shards(run_dir: Path, spec: RunSpec) -> dict[int, Path]:
     return out
 
 
-def missing_shards(run_dir: Path, spec: RunSpec) -> list[int]:
+def missing_shards(run_dir: AnyPath, spec: RunSpec) -> list[int]:
     have = present_shards(run_dir, spec)
     return [i for i in range(spec.num_shards) if i not in have]
 
 
-def build_manifest(run_dir: Path, *, write: bool = True) -> Manifest:
+def build_manifest(run_dir: AnyPath, *, write: bool = True) -> Manifest:
     """(Re)build manifest.json from run.json and the shards present. Requires every shard."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     spec = load_run_spec(run_dir)
     have = present_shards(run_dir, spec)
     missing = [i for i in range(spec.num_shards) if i not in have]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ForeignShardError, IncompleteRunError, ShardCorruptError
+from .fs import AnyPath, file_size, is_remote, location, open_binary, remote_error
 from .layout import FORMAT_VERSION, receipt_path
 from .shard_reader import ShardReader, is_out_of_files, out_of_files_error, redo_hint
 from .spec import RunSpec
@@ -42,25 +42,30 @@ class ShardReceipt:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: AnyPath, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     try:
-        f = open(path, "rb")
+        f = open_binary(path)
     except OSError as e:
         if is_out_of_files(e):
-            raise out_of_files_error(Path(path), e) from e
+            raise out_of_files_error(path, e) from e
         raise
-    with f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        if is_remote(path):  # the store went away mid-read: say so, never "corrupt"
+            raise remote_error(path, e, "read") from e
+        raise
     return h.hexdigest()
 
 
-def receipt_for(shard: Path, spec: RunSpec) -> ShardReceipt:
+def receipt_for(shard: AnyPath, spec: RunSpec) -> ShardReceipt:
     """The receipt of a complete shard, checked against the file; rebuilt from the file if lost."""
-    shard = Path(shard)
+    shard = location(shard)
     rpath = receipt_path(shard)
-    size = os.path.getsize(shard)
+    size = file_size(shard)
     if rpath.exists():
         try:
             receipt = ShardReceipt.from_dict(json.loads(rpath.read_text()))
@@ -92,11 +97,11 @@ def receipt_for(shard: Path, spec: RunSpec) -> ShardReceipt:
     )
 
 
-def check_size(path: Path, receipt: ShardReceipt) -> None:
+def check_size(path: AnyPath, receipt: ShardReceipt) -> None:
     """The cheap check (one stat, no open file): the shard is there with the size the manifest lists."""
-    path = Path(path)
+    path = location(path)
     try:
-        size = os.path.getsize(path)
+        size = file_size(path)
     except FileNotFoundError:
         raise_missing(path, receipt.index)
     if size != receipt.bytes:
@@ -105,7 +110,7 @@ def check_size(path: Path, receipt: ShardReceipt) -> None:
         )
 
 
-def check_checksum(path: Path, receipt: ShardReceipt) -> None:
+def check_checksum(path: AnyPath, receipt: ShardReceipt) -> None:
     """Reads the whole file: its sha256 must be the manifest's."""
     digest = sha256_file(path)
     if digest != receipt.sha256:
@@ -115,11 +120,11 @@ def check_checksum(path: Path, receipt: ShardReceipt) -> None:
         )
 
 
-def verify_shard(path: Path, receipt: ShardReceipt, spec: RunSpec, *, checksum: bool) -> None:
+def verify_shard(path: AnyPath, receipt: ShardReceipt, spec: RunSpec, *, checksum: bool) -> None:
     """Raise a specific StorageError if the shard on disk is not the one the manifest lists: size, footer and
     metadata, and (with `checksum`) the sha256 of the whole file. Readers of a whole run do these checks lazily,
     shard by shard as they first read one (`RunReader`); this is the eager form for a single shard."""
-    path = Path(path)
+    path = location(path)
     check_size(path, receipt)
     ShardReader(path, expect_fingerprint=spec.fingerprint, cache_row_groups=0).close()  # footer and metadata
     if checksum:

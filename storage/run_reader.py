@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ShardCorruptError
+from .fs import location
 from .manifest import Manifest, load_manifest
 from .receipt import check_checksum, check_size
 from .shard_reader import SequenceLabels, ShardReader, redo_hint
@@ -46,7 +47,7 @@ class RunReader:
             raise ValueError(f"verify={verify!r}: choose checksum, size or none")
         if max_open_files < 1:
             raise ValueError(f"max_open_files={max_open_files}: must be >= 1")
-        self.run_dir = Path(run_dir)
+        self.run_dir = location(run_dir)
         self.verify = verify
         rank, world = checksum_share
         if not 0 <= rank < world:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from .codec import Encoding, decode_draws, decode_positions
 from .errors import ForeignShardError, FormatVersionError, OpenFilesLimitError, ShardCorruptError
+from .fs import AnyPath, RemotePath, location
 from .layout import META_PREFIX, READABLE_FORMAT_VERSIONS
 
 
@@ -63,6 +64,13 @@ def out_of_files_error(path: Path, e: BaseException) -> OpenFilesLimitError:
     )
 
 
+def _raise_if_unreachable(path: AnyPath, e: BaseException) -> None:
+    """A remote read that failed because the store is unreachable (not because the bytes are bad) is a
+    StorageError saying so, never "corrupt": asking for the object's size tells the two apart."""
+    if isinstance(path, RemotePath) and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        path.exists()  # raises storage.fs's error naming the store when it does not answer
+
+
 def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = arr.offsets.to_numpy()
@@ -74,14 +82,16 @@ class ShardReader:
     """One shard file. Checks the Parquet footer and the key-value metadata on open. Holds one open file until
     `close()`; keeps up to `cache_row_groups` decoded row groups (0: none, the caller keeps what it needs)."""
 
-    def __init__(self, path: Path, *, expect_fingerprint: str | None = None, cache_row_groups: int = 4):
-        self.path = Path(path)
+    def __init__(self, path: AnyPath, *, expect_fingerprint: str | None = None, cache_row_groups: int = 4):
+        self.path = location(path)
         self.cache_row_groups = max(0, cache_row_groups)
+        self._source = None  # the remote file ParquetFile reads from (closed with it)
         try:
-            self._pf = pq.ParquetFile(self.path)
+            self._pf = self._open()
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as e:
+            _raise_if_unreachable(self.path, e)
             if is_out_of_files(e):
                 raise out_of_files_error(self.path, e) from e
             raise ShardCorruptError(
@@ -115,6 +125,21 @@ class ShardReader:
         self.num_rows = md.num_rows
         self._rg_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         self._cache: OrderedDict[int, list[SequenceLabels]] = OrderedDict()
+
+    def _open(self) -> pq.ParquetFile:
+        if not isinstance(self.path, RemotePath):
+            return pq.ParquetFile(self.path)
+        # One random-access file per shard: the footer in one range request, then each row group's column
+        # chunks coalesced into a few requests (pre_buffer) -- whole row groups per request, never per row.
+        try:
+            source = self.path.open_input_file()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            _raise_if_unreachable(self.path, e)
+            raise
+        self._source = source
+        return pq.ParquetFile(source, pre_buffer=True)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -162,6 +187,7 @@ class ShardReader:
         try:
             rows = self._decode(self._pf.read_row_group(i, use_threads=False))
         except (pa.ArrowInvalid, OSError, ValueError) as e:
+            _raise_if_unreachable(self.path, e)
             if is_out_of_files(e):
                 raise out_of_files_error(self.path, e) from e
             raise ShardCorruptError(
@@ -177,6 +203,8 @@ class ShardReader:
         """Release the open file and the decoded row groups."""
         self._cache.clear()
         self._pf.close()
+        if self._source is not None:
+            self._source.close()
 
     def row_group_bounds(self) -> list[tuple[int, int]]:
         """[start, stop) row ranges of the row groups: the unit of efficient reading."""

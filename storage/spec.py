@@ -17,6 +17,7 @@ from pathlib import Path
 from . import failpoints
 from .atomic import TmpFile, fsync_dir, remove_stale_tmp
 from .errors import ForeignShardError, FormatVersionError, IncompleteRunError, ManifestError, RunWriteError
+from .fs import AnyPath, RemotePath, location, put_bytes_if_absent
 from .layout import FORMAT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS, RUN_SPEC
 
 _RUN_SPEC_TMP = failpoints.declare("run_spec.tmp_written", "run.json's tmp file is written, not yet linked")
@@ -86,7 +87,7 @@ class RunSpec:
         return out
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: AnyPath) -> dict:
     """A run-level JSON file (run.json, manifest.json); damaged JSON is a ManifestError naming the fix."""
     try:
         return json.loads(path.read_text())
@@ -99,8 +100,8 @@ def read_json(path: Path) -> dict:
         ) from e
 
 
-def load_run_spec(run_dir: Path) -> RunSpec:
-    path = Path(run_dir) / RUN_SPEC
+def load_run_spec(run_dir: AnyPath) -> RunSpec:
+    path = location(run_dir) / RUN_SPEC
     if not path.exists():
         raise IncompleteRunError(
             f"{run_dir}: no {RUN_SPEC}; this is not a label-anneal run directory "
@@ -109,15 +110,19 @@ def load_run_spec(run_dir: Path) -> RunSpec:
     return RunSpec.from_dict(read_json(path), path)
 
 
-def claim_run_dir(run_dir: Path, spec: RunSpec) -> RunSpec:
+def claim_run_dir(run_dir: AnyPath, spec: RunSpec) -> RunSpec:
     """Write run.json if absent (atomically, first writer wins); else require identical settings.
 
     Re-running with different settings into an existing run directory is an error, never a mix.
+    On a remote location run.json is created with a conditional write where the store has one (storage.fs).
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_SPEC
-    if not path.exists():
+    if isinstance(path, RemotePath):
+        _RUN_SPEC_TMP(path=str(path))
+        put_bytes_if_absent(path, (json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    elif not path.exists():
         # A unique, locked tmp (storage.atomic): two containers that are both PID 1 never share one, and
         # one killed here leaves litter that the next claim sweeps.
         remove_stale_tmp(path)

@@ -6,12 +6,17 @@ Two writers of one shard (two pods of one Kubernetes index, a requeued SLURM tas
 the first to link wins; the other discards its file and returns the winner's receipt. Only the winner
 writes the receipt, after its link, so the receipt always describes the file under the final name. A
 process killed between the link and the receipt leaves a complete shard without one: `receipt_for`
-rebuilds it from the file (rows and stats from its metadata, sha256 from its bytes)."""
+rebuilds it from the file (rows and stats from its metadata, sha256 from its bytes).
+
+A shard of a run directory on an object store (storage.fs) is built the same way in a local staging file, then
+uploaded whole under its final name if no other writer's is there (a conditional PUT on S3): the same first-writer-
+wins rule without a rename."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,7 @@ from .codec import (
     tail_type,
 )
 from .errors import RunWriteError
+from .fs import AnyPath, RemotePath, file_size, location, put_file_if_absent
 from .layout import FORMAT_VERSION, META_PREFIX, parse_shard_name, receipt_path
 from .receipt import ShardReceipt, sha256_file
 
@@ -79,6 +85,13 @@ def shard_schema(
     )
 
 
+def _staging_path(path: AnyPath) -> Path:
+    """Where a remote shard is written before its upload: $LABEL_ANNEAL_STAGING or the system tmp dir."""
+    root = Path(os.environ.get("LABEL_ANNEAL_STAGING") or Path(tempfile.gettempdir()) / "label-anneal-staging")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / path.name
+
+
 def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -106,7 +119,7 @@ class ShardWriter:
         variable: bool = False,
         sampled: bool = False,
     ):
-        self.path = Path(path)
+        self.path = location(path)
         parsed = parse_shard_name(self.path.name)
         if parsed is None:
             raise ValueError(f"{self.path.name}: shard files must be named part-IIIII-of-NNNNN.parquet")
@@ -122,7 +135,11 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.path)
         remove_stale_tmp(receipt_path(self.path))  # a receipt write killed half-way (never read either way)
-        self._tmp = TmpFile(self.path)  # locked until the end: no other writer's sweep removes it
+        # A remote shard is built in a local staging file and uploaded whole when complete (storage.fs).
+        staged = _staging_path(self.path) if isinstance(self.path, RemotePath) else self.path
+        if staged is not self.path:
+            remove_stale_tmp(staged)
+        self._tmp = TmpFile(staged)  # locked until the end: no other writer's sweep removes it
         self.tmp = self._tmp.path
         self._meta = {
             "format_version": str(FORMAT_VERSION),
@@ -361,8 +378,12 @@ class ShardWriter:
                 fingerprint=self.fingerprint,
             )
             _CLOSED(shard=self.index)
-            won = link_exclusive(self.tmp, self.path)
-            self._tmp.close()
+            if isinstance(self.path, RemotePath):
+                won = put_file_if_absent(self.tmp, self.path)
+                self._tmp.discard()
+            else:
+                won = link_exclusive(self.tmp, self.path)
+                self._tmp.close()
             if not won:
                 self.lost_race = True
                 return self._winners_receipt()
@@ -377,7 +398,7 @@ class ShardWriter:
         """The receipt of the shard another writer linked first: from its receipt file once written, else
         from the file itself (the winner may still be between its link and its receipt)."""
         rpath = receipt_path(self.path)
-        size = os.path.getsize(self.path)
+        size = file_size(self.path)
         if rpath.exists():
             try:
                 r = ShardReceipt.from_dict(json.loads(rpath.read_text()))
@@ -385,7 +406,8 @@ class ShardWriter:
                     return r
             except (ValueError, KeyError, TypeError):
                 pass
-        meta = pq.ParquetFile(self.path).metadata.metadata or {}
+        source = self.path.open_input_file() if isinstance(self.path, RemotePath) else self.path
+        meta = pq.ParquetFile(source).metadata.metadata or {}
         stats = json.loads(meta[(META_PREFIX + "stats").encode()])
         return ShardReceipt(
             name=self.path.name,

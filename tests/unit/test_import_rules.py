@@ -33,7 +33,7 @@ ALLOWED = {
     "bench": set(FIRST_PARTY),
 }
 # Extras that are installed separately: importing them at module top would break the base install.
-OPTIONAL = {"vllm", "ray", "peft", "lm_eval", "matplotlib"}
+OPTIONAL = {"vllm", "ray", "peft", "lm_eval", "matplotlib", "boto3", "botocore", "fsspec"}
 
 
 @dataclass
